@@ -1,0 +1,484 @@
+//! Connections to the cluster: discovery, per-group leader routing that
+//! follows `NotLeader` hints, deadlines, and retries with exponential backoff
+//! and jitter.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use proto::admin::admin_service_client::AdminServiceClient;
+use proto::admin::{StatusRequest, StatusResponse};
+use proto::meta::meta_service_client::MetaServiceClient;
+use proto::meta::{
+    Command, CommandResult, ErrorCode, ProposeRequest, Query, QueryRequest, QueryResult, Timespec,
+};
+use proto::storage::chunk_service_client::ChunkServiceClient;
+use proto::storage::{GetChunkRequest, PutChunkRequest};
+use proto::{ChunkId, FORMAT_VERSION, MAX_MESSAGE_BYTES};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{ClientError, Result};
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Addresses (`host:port`) of one or more nodes.
+    pub seeds: Vec<String>,
+    /// How long an operation keeps retrying before it fails with EIO.
+    pub deadline: Duration,
+    /// Timeout of a single RPC.
+    pub rpc_timeout: Duration,
+    /// Copies of each chunk the client writes.
+    pub replication: usize,
+}
+
+impl ClusterConfig {
+    pub fn new(seeds: Vec<String>) -> Self {
+        ClusterConfig {
+            seeds,
+            deadline: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(10),
+            replication: 3,
+        }
+    }
+}
+
+/// Parses `host:port[,host:port...]`.
+pub fn parse_seeds(s: &str) -> Result<Vec<String>> {
+    let seeds: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if seeds.is_empty() {
+        return Err(ClientError::Invalid("no cluster address given".into()));
+    }
+    for s in &seeds {
+        if s.rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(ClientError::Invalid(format!(
+                "cluster address {s:?} is not HOST:PORT"
+            )));
+        }
+    }
+    Ok(seeds)
+}
+
+pub struct Cluster {
+    cfg: ClusterConfig,
+    peers: RwLock<BTreeMap<u64, String>>,
+    group_count: RwLock<u32>,
+    leaders: RwLock<HashMap<u32, u64>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Cluster {
+    /// Connects to whichever seed answers first and learns the members.
+    pub async fn connect(cfg: ClusterConfig) -> Result<Arc<Self>> {
+        let cluster = Arc::new(Cluster {
+            cfg,
+            peers: RwLock::new(BTreeMap::new()),
+            group_count: RwLock::new(1),
+            leaders: RwLock::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+        });
+        cluster.refresh().await?;
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    /// Re-reads membership from any reachable node.
+    pub async fn refresh(&self) -> Result<StatusResponse> {
+        let start = Instant::now();
+        let mut errors = Vec::new();
+        let mut backoff = backoff();
+        loop {
+            let mut candidates: Vec<String> = self.peers().into_values().collect();
+            for s in &self.cfg.seeds {
+                if !candidates.contains(s) {
+                    candidates.push(s.clone());
+                }
+            }
+            for addr in &candidates {
+                match self.status_of(addr).await {
+                    Ok(st) if st.error.is_none() && !st.cluster_id.is_empty() => {
+                        let peers: BTreeMap<u64, String> = st
+                            .peers
+                            .iter()
+                            .map(|p| (p.node_id, p.addr.clone()))
+                            .collect();
+                        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
+                        *self.group_count.write().unwrap_or_else(|e| e.into_inner()) =
+                            st.group_count.max(1);
+                        let mut leaders = self.leaders.write().unwrap_or_else(|e| e.into_inner());
+                        for g in &st.groups {
+                            if g.leader_id != 0 {
+                                leaders.insert(g.group_id, g.leader_id);
+                            }
+                        }
+                        return Ok(st);
+                    }
+                    Ok(st) => errors.push(format!(
+                        "{addr}: {}",
+                        st.error
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "node is not part of an initialised cluster".into())
+                    )),
+                    Err(e) => errors.push(format!("{addr}: {e}")),
+                }
+            }
+            if start.elapsed() >= self.cfg.deadline {
+                errors.dedup();
+                return Err(ClientError::Connect(format!(
+                    "no node answered within {:?} ({})",
+                    self.cfg.deadline,
+                    errors.join("; ")
+                )));
+            }
+            errors.clear();
+            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+        }
+    }
+
+    pub async fn status_of(&self, addr: &str) -> Result<StatusResponse> {
+        let ch = self.channel(addr)?;
+        let mut c = AdminServiceClient::new(ch);
+        let r = tokio::time::timeout(self.cfg.rpc_timeout, c.status(StatusRequest {}))
+            .await
+            .map_err(|_| ClientError::Unavailable(format!("{addr}: status timed out")))?
+            .map_err(|s| ClientError::Unavailable(format!("{addr}: {}", s.message())))?;
+        Ok(r.into_inner())
+    }
+
+    pub fn peers(&self) -> BTreeMap<u64, String> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn group_count(&self) -> u32 {
+        *self.group_count.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = chans.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::Invalid(format!("bad address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(self.cfg.rpc_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = ep.connect_lazy();
+        chans.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn meta_client(&self, addr: &str) -> Result<MetaServiceClient<Channel>> {
+        Ok(MetaServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    pub fn chunk_client(&self, addr: &str) -> Result<ChunkServiceClient<Channel>> {
+        Ok(ChunkServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The node to try next for `group`: the cached leader, else the
+    /// `attempt`-th peer.
+    fn target(&self, group: u32, attempt: usize) -> Option<(u64, String)> {
+        let peers = self.peers();
+        if let Some(l) = self
+            .leaders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+        {
+            if let Some(a) = peers.get(l) {
+                return Some((*l, a.clone()));
+            }
+        }
+        let n = peers.len();
+        if n == 0 {
+            return None;
+        }
+        peers
+            .iter()
+            .nth(attempt % n)
+            .map(|(id, a)| (*id, a.clone()))
+    }
+
+    fn set_leader(&self, group: u32, leader: Option<u64>) {
+        let mut l = self.leaders.write().unwrap_or_else(|e| e.into_inner());
+        match leader {
+            Some(id) if id != 0 => l.insert(group, id),
+            _ => l.remove(&group),
+        };
+    }
+
+    /// Runs `call` against the leader of `group`, following leader hints and
+    /// retrying transient failures until the deadline.
+    async fn with_leader<T, F, Fut>(&self, group: u32, what: &str, call: F) -> Result<T>
+    where
+        F: Fn(MetaServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+        T: HasError,
+    {
+        let start = Instant::now();
+        let mut backoff = backoff();
+        let mut last = String::from("no attempt made");
+        for attempt in 0usize.. {
+            let Some((node, addr)) = self.target(group, attempt) else {
+                last = "no known cluster members".into();
+                break;
+            };
+            let mut hinted = false;
+            match call(self.meta_client(&addr)?).await {
+                Ok(r) => match r.error() {
+                    None => return Ok(r),
+                    Some(e) if e.code() == ErrorCode::NotLeader => {
+                        last = format!("node {node} ({addr}): {e}");
+                        hinted = e.leader_id != 0 && e.leader_id != node;
+                        self.set_leader(group, Some(e.leader_id).filter(|_| hinted));
+                        if !hinted {
+                            // No leader known there: try another node next.
+                            self.set_leader(group, None);
+                        }
+                    }
+                    Some(e) if e.code() == ErrorCode::Unavailable => {
+                        last = format!("node {node} ({addr}): {e}");
+                        self.set_leader(group, None);
+                    }
+                    Some(e) => return Err(ClientError::Server(e.clone())),
+                },
+                Err(s) => {
+                    last = format!("node {node} ({addr}): {}", s.message());
+                    tracing::debug!(group, node, %addr, error = %s.message(), "{what} failed");
+                    self.set_leader(group, None);
+                }
+            }
+            if start.elapsed() >= self.cfg.deadline {
+                break;
+            }
+            if !hinted {
+                let d = backoff.next().unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(d.min(self.cfg.deadline.saturating_sub(start.elapsed()))).await;
+            }
+        }
+        tracing::warn!(group, error = %last, "{what} gave up after {:?}", start.elapsed());
+        Err(ClientError::Unavailable(format!(
+            "{what} on group {group} failed for {:?}: {last}",
+            start.elapsed()
+        )))
+    }
+
+    /// Replicates a command through the group's Raft log.
+    pub async fn propose(&self, group: u32, op: proto::meta::command::Op) -> Result<CommandResult> {
+        let req = ProposeRequest {
+            group_id: group,
+            command: Some(Command {
+                version: FORMAT_VERSION,
+                now: Some(Timespec::now()),
+                op: Some(op),
+            }),
+        };
+        self.with_leader(group, "propose", |mut c| {
+            let req = req.clone();
+            async move { c.propose(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// A linearizable read from the group's leader.
+    pub async fn query(&self, group: u32, q: proto::meta::query::Q) -> Result<QueryResult> {
+        let req = QueryRequest {
+            group_id: group,
+            query: Some(Query { q: Some(q) }),
+        };
+        self.with_leader(group, "query", |mut c| {
+            let req = req.clone();
+            async move { c.query(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Stores a chunk on the storage nodes. Succeeds once a majority of the
+    /// replication factor holds it durably; returns the nodes that do.
+    pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
+        let peers = self.peers();
+        let rf = self.cfg.replication.min(peers.len()).max(1);
+        let quorum = rf / 2 + 1;
+        let start = Instant::now();
+        let mut backoff = backoff();
+        let mut stored: Vec<u64> = Vec::new();
+        let mut errors: BTreeMap<u64, String> = BTreeMap::new();
+        loop {
+            let mut pending = FuturesUnordered::new();
+            let missing = rf.saturating_sub(stored.len());
+            for (node, addr) in peers
+                .iter()
+                .filter(|(n, _)| !stored.contains(n))
+                .take(missing)
+            {
+                let (node, addr, data) = (*node, addr.clone(), data.clone());
+                let client = self.chunk_client(&addr);
+                pending.push(async move {
+                    let res = async {
+                        let r = client?
+                            .put(PutChunkRequest {
+                                chunk_id: Bytes::copy_from_slice(&id.0),
+                                data,
+                            })
+                            .await
+                            .map_err(|s| {
+                                ClientError::Unavailable(format!("{addr}: {}", s.message()))
+                            })?
+                            .into_inner();
+                        match r.error {
+                            Some(e) => Err(ClientError::Server(e)),
+                            None => Ok(()),
+                        }
+                    }
+                    .await;
+                    (node, res)
+                });
+            }
+            let mut quorum_at: Option<Instant> = None;
+            loop {
+                let next = match quorum_at {
+                    // Quorum reached: give the remaining replicas a moment.
+                    Some(t) => {
+                        match tokio::time::timeout_at(
+                            (t + Duration::from_millis(500)).into(),
+                            pending.next(),
+                        )
+                        .await
+                        {
+                            Ok(n) => n,
+                            Err(_) => break,
+                        }
+                    }
+                    None => pending.next().await,
+                };
+                let Some((node, res)) = next else { break };
+                match res {
+                    Ok(()) => {
+                        stored.push(node);
+                        if stored.len() >= quorum && quorum_at.is_none() {
+                            quorum_at = Some(Instant::now());
+                        }
+                    }
+                    Err(e) => {
+                        errors.insert(node, e.to_string());
+                    }
+                }
+            }
+            if stored.len() >= quorum {
+                stored.sort_unstable();
+                return Ok(stored);
+            }
+            if start.elapsed() >= self.cfg.deadline {
+                let detail: Vec<String> = errors
+                    .iter()
+                    .map(|(n, e)| format!("node {n}: {e}"))
+                    .collect();
+                return Err(ClientError::Unavailable(format!(
+                    "chunk {id}: only {} of {quorum} required replicas stored ({})",
+                    stored.len(),
+                    detail.join("; ")
+                )));
+            }
+            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+        }
+    }
+
+    /// Reads a chunk from one of `locations`, verifying its hash, falling
+    /// back to other replicas and retrying until the deadline.
+    pub async fn get_chunk(&self, id: ChunkId, locations: &[u64]) -> Result<Bytes> {
+        let peers = self.peers();
+        let mut order: Vec<u64> = locations.to_vec();
+        // Nodes not listed may hold the chunk too (e.g. after a failed
+        // location update); try them last.
+        for n in peers.keys() {
+            if !order.contains(n) {
+                order.push(*n);
+            }
+        }
+        let start = Instant::now();
+        let mut backoff = backoff();
+        let mut last = String::new();
+        loop {
+            for node in &order {
+                let Some(addr) = peers.get(node) else {
+                    continue;
+                };
+                let mut c = self.chunk_client(addr)?;
+                match c
+                    .get(GetChunkRequest {
+                        chunk_id: Bytes::copy_from_slice(&id.0),
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if let Some(e) = r.error {
+                            last = format!("node {node}: {e}");
+                            continue;
+                        }
+                        if id.verify(&r.data) {
+                            return Ok(r.data);
+                        }
+                        last = format!("node {node}: returned bytes that do not match the id");
+                        tracing::error!(%id, node, "replica returned corrupt chunk");
+                    }
+                    Err(s) => last = format!("node {node} ({addr}): {}", s.message()),
+                }
+            }
+            if start.elapsed() >= self.cfg.deadline {
+                tracing::warn!(%id, error = %last, "chunk read gave up");
+                return Err(ClientError::ChunkUnreadable {
+                    id: id.to_hex(),
+                    reason: last,
+                });
+            }
+            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+        }
+    }
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build()
+}
+
+/// Replies that carry a wire error.
+pub trait HasError {
+    fn error(&self) -> Option<&proto::meta::Error>;
+}
+
+impl HasError for CommandResult {
+    fn error(&self) -> Option<&proto::meta::Error> {
+        self.error.as_ref()
+    }
+}
+
+impl HasError for QueryResult {
+    fn error(&self) -> Option<&proto::meta::Error> {
+        self.error.as_ref()
+    }
+}

@@ -1,0 +1,730 @@
+//! The client core: an async file-system API over the cluster. The FUSE shim
+//! and tests drive it; it never sees FUSE.
+//!
+//! Consistency is close-to-open (docs/SEMANTICS.md): an open loads the file's
+//! committed layout; writes are buffered, chunked and uploaded, and the new
+//! layout commits on flush, fsync or close.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use proto::meta::{
+    command::Op, query::Q, Attr, ChunkInfo, ChunkInfoQuery, CommitLayoutOp, CreateOp, DirEntry,
+    ErrorCode, Extent, FileKind, GetAttrQuery, GetLayoutQuery, LinkOp, LookupQuery, NewChunk,
+    ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp, SetAttrFields, SetAttrOp, StatFsQuery,
+    Timespec,
+};
+use proto::{group_of_ino, validate_name, ChunkId};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::conn::Cluster;
+use crate::error::{ClientError, Result};
+use crate::layout::{self, ChunkCache, DirtyRuns};
+
+/// Bytes of unchunked writes an open file may hold before they are chunked
+/// and uploaded (not yet committed). Bounds memory per open file.
+pub const SPILL_BYTES: usize = 32 << 20;
+/// Default size of the in-memory chunk cache of a mount.
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+/// Chunks read ahead of a sequential reader.
+const READAHEAD_CHUNKS: usize = 2;
+/// Concurrent chunk uploads per flush.
+const UPLOAD_PARALLELISM: usize = 4;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// Totals for `statfs`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FsStats {
+    pub inodes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// State of a file opened through this client, shared by all its handles.
+struct FileState {
+    ino: u64,
+    /// The layout as committed, plus uploaded but uncommitted chunks.
+    extents: Vec<Extent>,
+    size: u64,
+    locations: HashMap<ChunkId, Vec<u64>>,
+    new_chunks: Vec<NewChunk>,
+    dirty: DirtyRuns,
+    modified: bool,
+    mtime: Option<Timespec>,
+    opens: usize,
+    /// End of the last read, to detect sequential access.
+    last_read_end: u64,
+}
+
+pub struct Fs {
+    cluster: Arc<Cluster>,
+    files: Mutex<HashMap<u64, Arc<AsyncMutex<FileState>>>>,
+    handles: Mutex<HashMap<u64, Arc<AsyncMutex<FileState>>>>,
+    next_fh: AtomicU64,
+    cache: Arc<Mutex<ChunkCache>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Fs {
+    pub fn new(cluster: Arc<Cluster>, cache_bytes: usize) -> Arc<Self> {
+        Arc::new(Fs {
+            cluster,
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            cache: Arc::new(Mutex::new(ChunkCache::new(cache_bytes))),
+        })
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    fn check_name(name: &[u8]) -> Result<()> {
+        validate_name(name).map_err(|e| ClientError::Server(e.into()))
+    }
+
+    /// Attributes as this client sees them: the committed ones, with the
+    /// size and mtime of local unflushed writes.
+    async fn local_view(&self, mut attr: Attr) -> Attr {
+        let state = lock(&self.files).get(&attr.ino).cloned();
+        if let Some(st) = state {
+            let st = st.lock().await;
+            if st.modified {
+                attr.size = st.size;
+                if st.mtime.is_some() {
+                    attr.mtime = st.mtime;
+                }
+            }
+        }
+        attr
+    }
+
+    fn attr_of(attr: Option<Attr>) -> Result<Attr> {
+        attr.ok_or_else(|| ClientError::server(ErrorCode::Internal, "reply without attributes"))
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        Self::check_name(name)?;
+        let r = self
+            .cluster
+            .query(
+                group_of_ino(parent),
+                Q::Lookup(LookupQuery {
+                    parent,
+                    name: Bytes::copy_from_slice(name),
+                }),
+            )
+            .await?;
+        Ok(self.local_view(Self::attr_of(r.attr)?).await)
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::GetAttr(GetAttrQuery { ino }))
+            .await?;
+        Ok(self.local_view(Self::attr_of(r.attr)?).await)
+    }
+
+    pub async fn setattr(&self, ino: u64, fields: SetAttrFields) -> Result<Attr> {
+        // Local writes commit first, so explicit times and sizes apply on top.
+        let state = lock(&self.files).get(&ino).cloned();
+        if let Some(st) = &state {
+            let mut st = st.lock().await;
+            self.commit(&mut st).await?;
+        }
+        let size = fields.size;
+        let r = self
+            .cluster
+            .propose(
+                group_of_ino(ino),
+                Op::SetAttr(SetAttrOp {
+                    ino,
+                    fields: Some(fields),
+                }),
+            )
+            .await?;
+        let attr = Self::attr_of(r.attr)?;
+        if let (Some(st), Some(size)) = (state, size) {
+            let mut st = st.lock().await;
+            layout::truncate(&mut st.extents, size);
+            st.dirty.truncate(size);
+            st.size = size;
+        }
+        Ok(attr)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        symlink_target: &[u8],
+    ) -> Result<Attr> {
+        Self::check_name(name)?;
+        let r = self
+            .cluster
+            .propose(
+                group_of_ino(parent),
+                Op::Create(CreateOp {
+                    parent,
+                    name: Bytes::copy_from_slice(name),
+                    kind: kind as i32,
+                    perm,
+                    uid,
+                    gid,
+                    rdev,
+                    symlink_target: Bytes::copy_from_slice(symlink_target),
+                }),
+            )
+            .await?;
+        Self::attr_of(r.attr)
+    }
+
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {
+        Self::check_name(new_name)?;
+        let r = self
+            .cluster
+            .propose(
+                group_of_ino(new_parent),
+                Op::Link(LinkOp {
+                    ino,
+                    new_parent,
+                    new_name: Bytes::copy_from_slice(new_name),
+                }),
+            )
+            .await?;
+        Ok(self.local_view(Self::attr_of(r.attr)?).await)
+    }
+
+    pub async fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+        Self::check_name(name)?;
+        self.cluster
+            .propose(
+                group_of_ino(parent),
+                Op::Remove(RemoveOp {
+                    parent,
+                    name: Bytes::copy_from_slice(name),
+                    dir,
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
+        Self::check_name(name)?;
+        Self::check_name(new_name)?;
+        self.cluster
+            .propose(
+                group_of_ino(parent),
+                Op::Rename(RenameOp {
+                    parent,
+                    name: Bytes::copy_from_slice(name),
+                    new_parent,
+                    new_name: Bytes::copy_from_slice(new_name),
+                    noreplace: flags.noreplace,
+                    exchange: flags.exchange,
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Bytes> {
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::ReadLink(ReadLinkQuery { ino }))
+            .await?;
+        Ok(r.link_target)
+    }
+
+    /// One page of a directory, in name order, after `after`.
+    pub async fn readdir(
+        &self,
+        ino: u64,
+        after: &[u8],
+        limit: u32,
+        plus: bool,
+    ) -> Result<(Vec<DirEntry>, bool)> {
+        let r = self
+            .cluster
+            .query(
+                group_of_ino(ino),
+                Q::ReadDir(ReadDirQuery {
+                    ino,
+                    after: Bytes::copy_from_slice(after),
+                    limit,
+                    plus,
+                }),
+            )
+            .await?;
+        let mut entries = r.entries;
+        if plus {
+            for e in &mut entries {
+                e.attr = match e.attr.take() {
+                    Some(a) => Some(self.local_view(a).await),
+                    None => Some(self.getattr(e.ino).await?),
+                };
+            }
+        }
+        Ok((entries, r.more))
+    }
+
+    pub async fn statfs(&self) -> Result<FsStats> {
+        let r = self.cluster.query(0, Q::StatFs(StatFsQuery {})).await?;
+        let s = r.stat_fs.unwrap_or_default();
+        let mut stats = FsStats {
+            inodes: s.inodes,
+            used_bytes: s.chunk_bytes,
+            ..Default::default()
+        };
+        // Capacity: the smallest node bounds what three replicas can hold.
+        let mut min_free = u64::MAX;
+        let mut min_total = u64::MAX;
+        for addr in self.cluster.peers().values() {
+            if let Ok(st) = self.cluster.status_of(addr).await {
+                min_free = min_free.min(st.disk_free_bytes);
+                min_total = min_total.min(st.disk_total_bytes);
+            }
+        }
+        if min_total != u64::MAX {
+            stats.free_bytes = min_free;
+            stats.total_bytes = min_total;
+        }
+        Ok(stats)
+    }
+
+    // ---- files ----------------------------------------------------------
+
+    /// Opens a file: loads its committed layout unless this client already
+    /// has it open. Returns a handle.
+    pub async fn open(&self, ino: u64) -> Result<u64> {
+        let existing = lock(&self.files).get(&ino).cloned();
+        let state = match existing {
+            Some(st) => {
+                st.lock().await.opens += 1;
+                st
+            }
+            None => {
+                let st = self.load(ino).await?;
+                let arc = {
+                    let mut files = lock(&self.files);
+                    // Another open may have raced us; share its state.
+                    files
+                        .entry(ino)
+                        .or_insert_with(|| Arc::new(AsyncMutex::new(st)))
+                        .clone()
+                };
+                arc.lock().await.opens += 1;
+                arc
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, state);
+        Ok(fh)
+    }
+
+    async fn load(&self, ino: u64) -> Result<FileState> {
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::GetLayout(GetLayoutQuery { ino }))
+            .await?;
+        let attr = Self::attr_of(r.attr)?;
+        if attr.kind == FileKind::Directory as i32 {
+            return Err(ClientError::server(
+                ErrorCode::IsDir,
+                format!("inode {ino}"),
+            ));
+        }
+        let ids: BTreeSet<ChunkId> = r.extents.iter().filter_map(layout::extent_chunk).collect();
+        let infos = self.chunk_info(ids.into_iter().collect()).await?;
+        let locations = infos
+            .into_iter()
+            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
+            .collect();
+        Ok(FileState {
+            ino,
+            extents: r.extents,
+            size: attr.size,
+            locations,
+            new_chunks: Vec::new(),
+            dirty: DirtyRuns::default(),
+            modified: false,
+            mtime: None,
+            opens: 0,
+            last_read_end: 0,
+        })
+    }
+
+    /// Chunk-index entries, asked of each chunk's shard in batches.
+    async fn chunk_info(&self, ids: Vec<ChunkId>) -> Result<Vec<ChunkInfo>> {
+        let groups = self.cluster.group_count();
+        let mut by_group: HashMap<u32, Vec<ChunkId>> = HashMap::new();
+        for id in ids {
+            by_group.entry(id.group(groups)).or_default().push(id);
+        }
+        let mut out = Vec::new();
+        for (g, ids) in by_group {
+            for batch in ids.chunks(1024) {
+                let r = self
+                    .cluster
+                    .query(
+                        g,
+                        Q::ChunkInfo(ChunkInfoQuery {
+                            chunk_ids: batch.iter().map(|i| Bytes::copy_from_slice(&i.0)).collect(),
+                        }),
+                    )
+                    .await?;
+                out.extend(r.chunks);
+            }
+        }
+        Ok(out)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<AsyncMutex<FileState>>> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(ClientError::BadHandle(fh))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
+        let st = self.handle(fh)?;
+        let mut st = st.lock().await;
+        if offset >= st.size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(size)).min(st.size);
+        let mut buf = BytesMut::zeroed((end - offset) as usize);
+        let wanted: Vec<Extent> = st
+            .extents
+            .iter()
+            .filter(|e| layout::extent_end(e) > offset && e.offset < end)
+            .cloned()
+            .collect();
+        for e in &wanted {
+            let id = layout::extent_chunk(e)
+                .ok_or_else(|| ClientError::server(ErrorCode::Corrupt, "bad chunk id in layout"))?;
+            let data = self.fetch(&st, id).await?;
+            let s = e.offset.max(offset);
+            let t = layout::extent_end(e).min(end);
+            let from = (e.chunk_offset + (s - e.offset)) as usize;
+            let to = from + (t - s) as usize;
+            if to > data.len() {
+                return Err(ClientError::server(
+                    ErrorCode::Corrupt,
+                    format!("extent reaches past the end of chunk {id}"),
+                ));
+            }
+            buf[(s - offset) as usize..(t - offset) as usize].copy_from_slice(&data[from..to]);
+        }
+        st.dirty.overlay_onto(offset, &mut buf);
+        let sequential = offset == st.last_read_end;
+        st.last_read_end = end;
+        if sequential {
+            self.readahead(&st, end);
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn fetch(&self, st: &FileState, id: ChunkId) -> Result<Bytes> {
+        if let Some(d) = lock(&self.cache).get(&id) {
+            return Ok(d);
+        }
+        let locations = st.locations.get(&id).cloned().unwrap_or_default();
+        let data = self.cluster.get_chunk(id, &locations).await?;
+        lock(&self.cache).insert(id, data.clone());
+        Ok(data)
+    }
+
+    /// Starts fetching the chunks after `from` into the cache.
+    fn readahead(&self, st: &FileState, from: u64) {
+        let mut next: Vec<(ChunkId, Vec<u64>)> = Vec::new();
+        for e in st.extents.iter().filter(|e| layout::extent_end(e) > from) {
+            let Some(id) = layout::extent_chunk(e) else {
+                continue;
+            };
+            if next.iter().any(|(i, _)| *i == id) || lock(&self.cache).get(&id).is_some() {
+                continue;
+            }
+            next.push((id, st.locations.get(&id).cloned().unwrap_or_default()));
+            if next.len() >= READAHEAD_CHUNKS {
+                break;
+            }
+        }
+        for (id, locs) in next {
+            let cluster = self.cluster.clone();
+            let cache = self.cache.clone();
+            tokio::spawn(async move {
+                if let Ok(d) = cluster.get_chunk(id, &locs).await {
+                    lock(&cache).insert(id, d);
+                }
+            });
+        }
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let st = self.handle(fh)?;
+        let mut st = st.lock().await;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= 16 << 40)
+            .ok_or_else(|| {
+                ClientError::server(ErrorCode::FileTooBig, "write beyond the maximum file size")
+            })?;
+        st.dirty.write(offset, data);
+        st.size = st.size.max(end);
+        st.modified = true;
+        st.mtime = Some(Timespec::now());
+        if st.dirty.bytes() >= SPILL_BYTES {
+            self.spill(&mut st, false).await?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Chunks and uploads buffered writes into the working layout. Unless
+    /// `all`, the tail of a run that ends at end of file stays buffered, so
+    /// a sequential writer gets the same chunk boundaries as a whole-file cut.
+    async fn spill(&self, st: &mut FileState, all: bool) -> Result<()> {
+        let runs = st.dirty.take();
+        let mut chunks = Vec::new();
+        for (off, run) in runs {
+            let mut cut = layout::cut(off, &run);
+            let run_end = off + run.len() as u64;
+            if !all && run_end == st.size && cut.len() > 1 {
+                if let Some(last) = cut.pop() {
+                    st.dirty.write(last.file_offset, &last.data);
+                }
+            }
+            chunks.extend(cut);
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        // Ask the index which chunks it already has (dedup), then upload the rest.
+        let mut unique: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        unique.sort();
+        unique.dedup();
+        let known: HashMap<ChunkId, ChunkInfo> = self
+            .chunk_info(unique)
+            .await?
+            .into_iter()
+            .filter(|i| i.known && !i.locations.is_empty())
+            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i)))
+            .collect();
+        let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
+        for c in &chunks {
+            if let Some(info) = known.get(&c.id) {
+                st.locations.insert(c.id, info.locations.clone());
+            } else if !st.locations.contains_key(&c.id) && !to_upload.iter().any(|u| u.0 == c.id) {
+                to_upload.push((c.id, c.data.clone()));
+            }
+        }
+        let cluster = self.cluster.clone();
+        let uploaded: Vec<(ChunkId, u64, Vec<u64>)> = stream::iter(to_upload)
+            .map(|(id, data)| {
+                let cluster = cluster.clone();
+                async move {
+                    let size = data.len() as u64;
+                    let locs = cluster.put_chunk(id, data).await?;
+                    Ok::<_, ClientError>((id, size, locs))
+                }
+            })
+            .buffer_unordered(UPLOAD_PARALLELISM)
+            .try_collect()
+            .await?;
+        for (id, size, locs) in uploaded {
+            st.locations.insert(id, locs.clone());
+            st.new_chunks.push(NewChunk {
+                chunk_id: Bytes::copy_from_slice(&id.0),
+                size,
+                locations: locs,
+            });
+        }
+        for c in chunks {
+            // Keep the cache warm with what was just written.
+            lock(&self.cache).insert(c.id, c.data.clone());
+            layout::overlay(
+                &mut st.extents,
+                Extent {
+                    offset: c.file_offset,
+                    length: c.data.len() as u64,
+                    chunk_id: Bytes::copy_from_slice(&c.id.0),
+                    chunk_offset: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Uploads what is buffered and commits the layout.
+    async fn commit(&self, st: &mut FileState) -> Result<()> {
+        if !st.modified {
+            return Ok(());
+        }
+        self.spill(st, true).await?;
+        let op = CommitLayoutOp {
+            ino: st.ino,
+            extents: st.extents.clone(),
+            size: st.size,
+            new_chunks: st.new_chunks.clone(),
+            mtime: st.mtime,
+            kill_suid: false,
+        };
+        match self
+            .cluster
+            .propose(group_of_ino(st.ino), Op::CommitLayout(op))
+            .await
+        {
+            Ok(_) => {}
+            // The file was deleted meanwhile: its content is gone with it.
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                tracing::debug!(ino = st.ino, "commit to a deleted file dropped");
+            }
+            Err(e) => return Err(e),
+        }
+        st.new_chunks.clear();
+        st.modified = false;
+        st.mtime = None;
+        Ok(())
+    }
+
+    pub async fn flush(&self, fh: u64) -> Result<()> {
+        let st = self.handle(fh)?;
+        let mut st = st.lock().await;
+        self.commit(&mut st).await
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<()> {
+        let st = lock(&self.handles)
+            .remove(&fh)
+            .ok_or(ClientError::BadHandle(fh))?;
+        let mut guard = st.lock().await;
+        let res = self.commit(&mut guard).await;
+        guard.opens = guard.opens.saturating_sub(1);
+        if guard.opens == 0 {
+            let mut files = lock(&self.files);
+            if files.get(&guard.ino).is_some_and(|s| Arc::ptr_eq(s, &st)) {
+                files.remove(&guard.ino);
+            }
+        }
+        res
+    }
+
+    /// Number of open handles (for tests and metrics).
+    pub fn open_handles(&self) -> usize {
+        lock(&self.handles).len()
+    }
+
+    // ---- path helpers for tools and tests ----------------------------------
+
+    /// Resolves a `/`-separated path from the root.
+    pub async fn resolve(&self, path: &str) -> Result<Attr> {
+        let mut attr = self.getattr(proto::ROOT_INO).await?;
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            attr = self.lookup(attr.ino, comp.as_bytes()).await?;
+        }
+        Ok(attr)
+    }
+
+    /// Reads a whole file by path.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let attr = self.resolve(path).await?;
+        let fh = self.open(attr.ino).await?;
+        let mut out = Vec::with_capacity(attr.size as usize);
+        let res = async {
+            loop {
+                let b = self.read(fh, out.len() as u64, 4 << 20).await?;
+                if b.is_empty() {
+                    return Ok(());
+                }
+                out.extend_from_slice(&b);
+            }
+        }
+        .await;
+        self.release(fh).await?;
+        res.map(|_| out)
+    }
+
+    /// Creates or replaces a regular file by path with `data`.
+    pub async fn write_file(&self, path: &str, data: &[u8], perm: u32) -> Result<Attr> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = self.resolve(dir).await?;
+        let attr = match self.lookup(parent.ino, name.as_bytes()).await {
+            Ok(a) => {
+                self.setattr(
+                    a.ino,
+                    SetAttrFields {
+                        size: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .await?
+            }
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                self.create(
+                    parent.ino,
+                    name.as_bytes(),
+                    FileKind::Regular,
+                    perm,
+                    0,
+                    0,
+                    0,
+                    b"",
+                )
+                .await?
+            }
+            Err(e) => return Err(e),
+        };
+        let fh = self.open(attr.ino).await?;
+        let res = async {
+            for (i, piece) in data.chunks(1 << 20).enumerate() {
+                self.write(fh, (i as u64) << 20, piece).await?;
+            }
+            self.flush(fh).await
+        }
+        .await;
+        let rel = self.release(fh).await;
+        res?;
+        rel?;
+        self.getattr(attr.ino).await
+    }
+
+    pub async fn remove_path(&self, path: &str) -> Result<()> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = self.resolve(dir).await?;
+        let a = self.lookup(parent.ino, name.as_bytes()).await?;
+        self.remove(
+            parent.ino,
+            name.as_bytes(),
+            a.kind == FileKind::Directory as i32,
+        )
+        .await
+    }
+}

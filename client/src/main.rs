@@ -1,0 +1,357 @@
+//! `musicfs`: mount a MusicFS cluster and administer it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use musicfs_client::{admin, parse_seeds, Cluster, ClusterConfig, Fs};
+
+#[derive(Parser)]
+#[command(
+    name = "musicfs",
+    version,
+    about = "MusicFS: a replicated file system for music libraries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cluster lifecycle.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Health, nodes and Raft groups of a cluster.
+    Status {
+        /// Address(es) of any node: HOST:PORT[,HOST:PORT...]
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount the cluster (foreground; unmounts on SIGINT/SIGTERM).
+    Mount {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        mountpoint: PathBuf,
+        /// In-memory chunk cache size in MiB.
+        #[arg(long, default_value_t = 256)]
+        cache_mib: usize,
+        /// Let other users access the mount (needs user_allow_other for non-root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Seconds an operation retries before it fails with EIO.
+        #[arg(long, default_value_t = 30)]
+        deadline_secs: u64,
+    },
+    /// Start a local three-node cluster and mount it (for trying MusicFS out).
+    Dev {
+        /// Where node data, logs and the mount point live.
+        #[arg(long, default_value = "musicfs-dev")]
+        dir: PathBuf,
+        /// First of three consecutive ports; 0 picks free ones.
+        #[arg(long, default_value_t = 0)]
+        base_port: u16,
+    },
+    /// List a directory without a mount.
+    Ls {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Copy a local file into the cluster without a mount.
+    Put {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        local: PathBuf,
+        path: String,
+    },
+    /// Print a file of the cluster to stdout without a mount.
+    Cat {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        path: String,
+    },
+    /// Remove a file or empty directory without a mount.
+    Rm {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        path: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Initialise a new cluster from freshly started nodes.
+    Init {
+        /// ID=HOST:PORT for every node, comma separated.
+        #[arg(long)]
+        peers: String,
+        /// Number of metadata Raft groups.
+        #[arg(long, default_value_t = 1)]
+        groups: u32,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MUSICFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn connect(cluster: &str, deadline: Duration) -> Result<std::sync::Arc<Cluster>> {
+    let mut cfg = ClusterConfig::new(parse_seeds(cluster)?);
+    cfg.deadline = deadline;
+    Ok(Cluster::connect(cfg).await?)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Cluster {
+            cmd: ClusterCmd::Init { peers, groups },
+        } => {
+            let peers = admin::parse_peers(&peers)?;
+            let id = admin::init_cluster(&peers, groups).await?;
+            println!(
+                "initialised cluster {id} with {} nodes and {groups} metadata group(s)",
+                peers.len()
+            );
+        }
+        Cmd::Status { cluster, json } => {
+            let view = admin::cluster_status(&parse_seeds(&cluster)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                admin::print_status(&view);
+            }
+            if !view.healthy {
+                std::process::exit(2);
+            }
+        }
+        Cmd::Mount {
+            cluster,
+            mountpoint,
+            cache_mib,
+            allow_other,
+            deadline_secs,
+        } => {
+            check_mountpoint(&mountpoint)?;
+            let c = connect(&cluster, Duration::from_secs(deadline_secs))
+                .await
+                .with_context(|| format!("cannot reach the cluster at {cluster}"))?;
+            eprintln!(
+                "mounted MusicFS at {} (Ctrl-C to unmount)",
+                mountpoint.display()
+            );
+            admin::mount_until_signal(c, &mountpoint, cache_mib << 20, allow_other).await?;
+        }
+        Cmd::Dev { dir, base_port } => dev(&dir, base_port).await?,
+        Cmd::Ls { cluster, path } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let dir = fs.resolve(&path).await?;
+            let mut after = Vec::new();
+            loop {
+                let (entries, more) = fs.readdir(dir.ino, &after, 1024, true).await?;
+                for e in &entries {
+                    let a = e.attr.clone().unwrap_or_default();
+                    println!(
+                        "{:o} {:>5} {:>5} {:>12} {}",
+                        a.perm,
+                        a.uid,
+                        a.gid,
+                        a.size,
+                        String::from_utf8_lossy(&e.name)
+                    );
+                }
+                match entries.last() {
+                    Some(l) if more => after = l.name.to_vec(),
+                    _ => break,
+                }
+            }
+        }
+        Cmd::Put {
+            cluster,
+            local,
+            path,
+        } => {
+            let data =
+                std::fs::read(&local).with_context(|| format!("reading {}", local.display()))?;
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let a = fs.write_file(&path, &data, 0o644).await?;
+            println!("{path}: {} bytes (inode {})", a.size, a.ino);
+        }
+        Cmd::Cat { cluster, path } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let data = fs.read_file(&path).await?;
+            std::io::stdout().write_all(&data)?;
+        }
+        Cmd::Rm { cluster, path } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            fs.remove_path(&path).await?;
+        }
+    }
+    Ok(())
+}
+
+fn check_mountpoint(p: &Path) -> Result<()> {
+    let md = std::fs::metadata(p).with_context(|| format!("mount point {}", p.display()))?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", p.display());
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Stops the dev nodes when dropped, whatever way `dev` returns.
+struct Nodes(Vec<Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SIGTERM first so nodes shut down cleanly; then reap.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.0 {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn dev(dir: &Path, base_port: u16) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let node_bin = std::env::current_exe()?
+        .parent()
+        .map(|p| p.join("musicfs-node"))
+        .filter(|p| p.exists())
+        .context("musicfs-node must be installed next to musicfs")?;
+    // Reuse the ports of an earlier run so its data directories still match.
+    let ports_file = dir.join("ports");
+    let ports: Vec<u16> = match std::fs::read_to_string(&ports_file) {
+        Ok(s) => s
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let ports = if ports.len() == 3 {
+        ports
+    } else if base_port != 0 {
+        vec![base_port, base_port + 1, base_port + 2]
+    } else {
+        vec![free_port()?, free_port()?, free_port()?]
+    };
+    std::fs::write(
+        &ports_file,
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )?;
+    let mut nodes = Nodes(Vec::new());
+    let mut peers = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let id = i + 1;
+        let addr = format!("127.0.0.1:{port}");
+        let data = dir.join(format!("node{id}"));
+        let log = std::fs::File::create(dir.join(format!("node{id}.log")))?;
+        let child = Command::new(&node_bin)
+            .args(["--id", &id.to_string(), "--listen", &addr, "--data"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", node_bin.display()))?;
+        nodes.0.push(child);
+        peers.push(format!("{id}={addr}"));
+    }
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // Wait for the nodes to listen.
+    let start = Instant::now();
+    let mut statuses = Vec::new();
+    for s in &seeds {
+        loop {
+            match admin::node_status(s).await {
+                Ok(st) => {
+                    statuses.push(st);
+                    break;
+                }
+                Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    bail!(
+                        "node at {s} did not start: {e} (see {}/node*.log)",
+                        dir.display()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    if statuses.iter().all(|s| s.cluster_id.is_empty()) {
+        let peers = admin::parse_peers(&peers.join(","))?;
+        let id = admin::init_cluster(&peers, 1).await?;
+        eprintln!("initialised cluster {id}");
+    }
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let cluster = connect(&seeds.join(","), Duration::from_secs(30)).await?;
+    println!("MusicFS dev cluster is up.");
+    println!("  mount point : {}", mnt.display());
+    println!("  nodes       : {}", seeds.join(", "));
+    println!("  logs        : {}/node{{1,2,3}}.log", dir.display());
+    println!(
+        "Try:  cp -r ~/Music/* {}/   or   ls -l {}",
+        mnt.display(),
+        mnt.display()
+    );
+    println!("      musicfs status --cluster {}", seeds.join(","));
+    println!("Press Ctrl-C to unmount and stop the nodes.");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let res = admin::mount_until_signal(cluster, &mnt, 256 << 20, root).await;
+    drop(nodes);
+    res?;
+    Ok(())
+}

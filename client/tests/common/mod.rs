@@ -1,0 +1,286 @@
+//! Test harness: real `musicfs-node` processes on 127.0.0.1 with free
+//! ports and temporary data directories, and real FUSE mounts. Everything
+//! started here is stopped on drop, by PID.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use musicfs_client::admin;
+use proto::admin::StatusResponse;
+
+pub fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_musicfs"))
+        .parent()
+        .expect("binary directory")
+        .to_path_buf()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns `Some`, or panics naming `what` after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data: PathBuf,
+    pub child: Option<Child>,
+    args: Vec<String>,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes; `extra` flags go to every node.
+    pub async fn start(n: usize, extra: &[&str]) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("musicfs-test")
+            .tempdir()
+            .expect("tempdir");
+        let mut nodes = Vec::new();
+        for i in 1..=n as u64 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            nodes.push(Node {
+                id: i,
+                addr,
+                data: dir.path().join(format!("node{i}")),
+                child: None,
+                args: extra.iter().map(|s| s.to_string()).collect(),
+            });
+        }
+        let mut c = TestCluster { dir, nodes };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            c.wait_up(i).await;
+        }
+        c
+    }
+
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn peers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        assert!(n.child.is_none(), "node {} already running", n.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{}.log", n.id)))
+            .expect("log file");
+        let child = Command::new(bin_dir().join("musicfs-node"))
+            .args(["--id", &n.id.to_string(), "--listen", &n.addr, "--data"])
+            .arg(&n.data)
+            .args(&n.args)
+            .env("MUSICFS_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn musicfs-node");
+        n.child = Some(child);
+    }
+
+    pub async fn wait_up(&self, i: usize) {
+        let addr = self.nodes[i].addr.clone();
+        wait_for(
+            &format!("node {} to listen", self.nodes[i].id),
+            Duration::from_secs(30),
+            || {
+                let addr = addr.clone();
+                async move { admin::node_status(&addr).await.ok() }
+            },
+        )
+        .await;
+    }
+
+    pub async fn init(&self) -> String {
+        let peers = admin::parse_peers(&self.peers()).expect("peers");
+        admin::init_cluster(&peers, 1).await.expect("cluster init")
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn status(&self, i: usize) -> Option<StatusResponse> {
+        admin::node_status(&self.nodes[i].addr).await.ok()
+    }
+
+    /// Index of the node that leads group 0, as the nodes report it.
+    pub async fn leader(&self) -> usize {
+        wait_for("a leader of group 0", Duration::from_secs(30), || async {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if n.child.is_none() {
+                    continue;
+                }
+                if let Some(st) = self.status(i).await {
+                    if let Some(g) = st.groups.iter().find(|g| g.group_id == 0) {
+                        if g.state == "leader" {
+                            return Some(i);
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("node{}.log", self.nodes[i].id)),
+        )
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A `musicfs mount` process and its mount point.
+pub struct Mount {
+    pub path: PathBuf,
+    child: Option<Child>,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(p.as_str())))
+        .unwrap_or(false)
+}
+
+impl Mount {
+    pub async fn new(seeds: &str, path: &Path, deadline_secs: u64) -> Mount {
+        std::fs::create_dir_all(path).expect("mount point");
+        let child = Command::new(bin_dir().join("musicfs"))
+            .args([
+                "mount",
+                "--cluster",
+                seeds,
+                "--deadline-secs",
+                &deadline_secs.to_string(),
+            ])
+            .arg(path)
+            .env("MUSICFS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn musicfs mount");
+        let m = Mount {
+            path: path.to_path_buf(),
+            child: Some(child),
+        };
+        let p = path.to_path_buf();
+        wait_for("the FUSE mount", Duration::from_secs(30), || {
+            let p = p.clone();
+            async move { is_mounted(&p).then_some(()) }
+        })
+        .await;
+        m
+    }
+
+    /// Unmounts (SIGTERM to the mount process) and waits for it to exit.
+    pub fn unmount(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling a child we started, by PID.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        c.wait().ok()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no fixtures.
+pub struct Gen(pub u64);
+
+impl Gen {
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
+    }
+}

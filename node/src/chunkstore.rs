@@ -1,0 +1,277 @@
+//! Content-addressed chunk store on local disk.
+//!
+//! One file per chunk in a two-level directory tree (`ab/cd/abcd…`), so no
+//! directory holds more than a few hundred files even at tens of millions of
+//! chunks. A write goes to a temporary file, is fsynced, renamed into place
+//! and the directory fsynced: a chunk is either absent or whole after a crash.
+//! Every read re-hashes the bytes, so bit rot is reported, never served.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proto::ChunkId;
+
+/// Largest chunk a node accepts (FastCDC's maximum is 4 MiB; leave room).
+pub const MAX_CHUNK_BYTES: usize = 16 << 20;
+
+/// Space kept free on the data disk; a put that would cross it is refused.
+pub const DEFAULT_RESERVE_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {0} not found")]
+    NotFound(ChunkId),
+    #[error("chunk {id} is corrupt on disk (hash mismatch), {path}")]
+    Corrupt { id: ChunkId, path: String },
+    #[error("chunk data does not hash to {0}")]
+    HashMismatch(ChunkId),
+    #[error("chunk of {0} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("disk full: {free} bytes free, {reserve} kept in reserve")]
+    NoSpace { free: u64, reserve: u64 },
+    #[error("chunk store I/O at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return ChunkError::NoSpace {
+                free: 0,
+                reserve: 0,
+            };
+        }
+        ChunkError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+pub struct ChunkStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    reserve: u64,
+    chunks: AtomicU64,
+    bytes: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) a store under `dir`, counting what it holds.
+    pub fn open(dir: &Path, reserve: u64) -> Result<Self, ChunkError> {
+        let root = dir.join("chunks");
+        let tmp = dir.join("chunks.tmp");
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        // Leftover temporaries are writes that never completed.
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let store = ChunkStore {
+            root,
+            tmp,
+            reserve,
+            chunks: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            tmp_seq: AtomicU64::new(0),
+        };
+        store.count()?;
+        Ok(store)
+    }
+
+    fn count(&self) -> Result<(), ChunkError> {
+        let (mut n, mut b) = (0u64, 0u64);
+        for l1 in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let l1 = l1.map_err(io_err(&self.root))?.path();
+            if !l1.is_dir() {
+                continue;
+            }
+            for l2 in fs::read_dir(&l1).map_err(io_err(&l1))? {
+                let l2 = l2.map_err(io_err(&l1))?.path();
+                if !l2.is_dir() {
+                    continue;
+                }
+                for f in fs::read_dir(&l2).map_err(io_err(&l2))? {
+                    let f = f.map_err(io_err(&l2))?;
+                    n += 1;
+                    b += f.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        self.chunks.store(n, Ordering::Relaxed);
+        self.bytes.store(b, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.load(Ordering::Relaxed)
+    }
+
+    pub fn chunk_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.path_of(id).exists()
+    }
+
+    /// (free, total) bytes of the file system holding the store.
+    pub fn disk_space(&self) -> Result<(u64, u64), ChunkError> {
+        disk_space(&self.root).map_err(io_err(&self.root))
+    }
+
+    /// Stores `data` under `id` durably. Returns false if it was already held.
+    pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool, ChunkError> {
+        if data.len() > MAX_CHUNK_BYTES {
+            return Err(ChunkError::TooLarge(data.len()));
+        }
+        if !id.verify(data) {
+            return Err(ChunkError::HashMismatch(*id));
+        }
+        let path = self.path_of(id);
+        if path.exists() {
+            return Ok(false);
+        }
+        let (free, _) = self.disk_space()?;
+        if free < self.reserve + data.len() as u64 {
+            return Err(ChunkError::NoSpace {
+                free,
+                reserve: self.reserve,
+            });
+        }
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}.{seq}", id.to_hex(), std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?;
+            f.write_all(data).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+            let dir = path.parent().unwrap_or(&self.root);
+            let created = !dir.exists();
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            fsync_dir(dir).map_err(io_err(dir))?;
+            if created {
+                // New directories must be durable in their parents too.
+                if let Some(p) = dir.parent() {
+                    fsync_dir(p).map_err(io_err(p))?;
+                    if let Some(pp) = p.parent() {
+                        fsync_dir(pp).map_err(io_err(pp))?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Reads a chunk and checks its hash.
+    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path_of(id);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(*id)),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).map_err(io_err(&path))?;
+        if !id.verify(&data) {
+            return Err(ChunkError::Corrupt {
+                id: *id,
+                path: path.display().to_string(),
+            });
+        }
+        Ok(data)
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// (free, total) bytes of the file system at `path`.
+pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_has_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let data = b"some chunk bytes".to_vec();
+        let id = ChunkId::of(&data);
+        assert!(!store.has(&id));
+        assert!(store.put(&id, &data).unwrap());
+        assert!(!store.put(&id, &data).unwrap(), "second put is a no-op");
+        assert!(store.has(&id));
+        assert_eq!(store.get(&id).unwrap(), data);
+        assert_eq!(store.chunk_count(), 1);
+
+        let wrong = ChunkId::of(b"other");
+        assert!(matches!(
+            store.put(&wrong, &data),
+            Err(ChunkError::HashMismatch(_))
+        ));
+        assert!(matches!(store.get(&wrong), Err(ChunkError::NotFound(_))));
+
+        // Flip a byte on disk: the read must fail rather than return it.
+        let p = store.path_of(&id);
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(&p, bytes).unwrap();
+        assert!(matches!(store.get(&id), Err(ChunkError::Corrupt { .. })));
+
+        // Reopening counts what is on disk.
+        drop(store);
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        assert_eq!(store.chunk_count(), 1);
+    }
+
+    #[test]
+    fn refuses_writes_inside_the_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), u64::MAX / 2).unwrap();
+        let data = b"x".to_vec();
+        let err = store.put(&ChunkId::of(&data), &data).unwrap_err();
+        assert!(matches!(err, ChunkError::NoSpace { .. }), "{err}");
+        assert!(err.to_string().contains("disk full"));
+    }
+}

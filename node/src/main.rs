@@ -1,0 +1,116 @@
+//! `musicfs-node`: a MusicFS metadata + storage node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use musicfs_node::server::{run, NodeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "musicfs-node",
+    version,
+    about = "A MusicFS cluster node (metadata and storage)"
+)]
+struct Args {
+    /// TOML configuration file (see docs/OPERATIONS.md); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id, a positive integer unique in the cluster.
+    #[arg(long)]
+    id: Option<u64>,
+    /// Listen address, e.g. 0.0.0.0:7400.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Raft snapshot after this many log entries.
+    #[arg(long)]
+    snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot.
+    #[arg(long)]
+    keep_logs: Option<u64>,
+    /// Disk space (MiB) the chunk store leaves free.
+    #[arg(long)]
+    reserve_mib: Option<u64>,
+}
+
+fn config(a: Args) -> Result<NodeConfig> {
+    let mut table = match &a.config {
+        Some(p) => {
+            let s =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            s.parse::<toml::Table>()
+                .with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let mut set = |k: &str, v: toml::Value| {
+        table.insert(k.to_string(), v);
+    };
+    if let Some(v) = a.id {
+        set("id", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.listen {
+        set("listen", toml::Value::String(v.to_string()));
+    }
+    if let Some(v) = &a.data {
+        set("data", toml::Value::String(v.display().to_string()));
+    }
+    if let Some(v) = a.snapshot_every {
+        set("snapshot_every", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.keep_logs {
+        set("keep_logs", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.reserve_mib {
+        set("reserve_mib", toml::Value::Integer(v as i64));
+    }
+    let cfg: NodeConfig = toml::Value::Table(table)
+        .try_into()
+        .context("invalid configuration (id, listen and data are required)")?;
+    Ok(cfg)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MUSICFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match real_main() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("musicfs-node: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main() -> Result<()> {
+    let cfg = config(Args::parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        run(cfg, shutdown).await
+    })?;
+    Ok(())
+}

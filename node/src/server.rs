@@ -1,0 +1,199 @@
+//! Starting and stopping a node: configuration, data-directory checks,
+//! the gRPC server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use proto::admin::admin_service_server::AdminServiceServer;
+use proto::meta::meta_service_server::MetaServiceServer;
+use proto::raft::raft_service_server::RaftServiceServer;
+use proto::storage::chunk_service_server::ChunkServiceServer;
+use proto::MAX_MESSAGE_BYTES;
+use raft::{RaftServer, RaftSettings, Registry, Store};
+use serde::Deserialize;
+
+use crate::app::NamespaceApp;
+use crate::chunkstore::{ChunkStore, DEFAULT_RESERVE_BYTES};
+use crate::service::{AdminSvc, ChunkSvc, MetaSvc};
+
+/// Node settings, from `/etc/musicfs/node.toml` and/or flags.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id in the cluster (a positive integer, unique, never reused).
+    pub id: u64,
+    /// Address the node listens on for clients and peers.
+    pub listen: SocketAddr,
+    /// Data directory: metadata database, snapshots and chunks.
+    pub data: PathBuf,
+    /// Build a Raft snapshot after this many log entries.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot for followers that lag.
+    #[serde(default = "default_keep_logs")]
+    pub keep_logs: u64,
+    /// Disk space (MiB) the chunk store leaves free.
+    #[serde(default = "default_reserve_mib")]
+    pub reserve_mib: u64,
+}
+
+fn default_snapshot_every() -> u64 {
+    RaftSettings::default().snapshot_every
+}
+fn default_keep_logs() -> u64 {
+    RaftSettings::default().keep_behind_snapshot
+}
+fn default_reserve_mib() -> u64 {
+    DEFAULT_RESERVE_BYTES >> 20
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node id must be a positive integer")]
+    BadId,
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {path} is in use by another musicfs-node process")]
+    Locked { path: String },
+    #[error(
+        "data directory {path} belongs to node {stored} (cluster {cluster}), not to node {wanted}; \
+         start it with --id {stored} or use another directory"
+    )]
+    WrongNode {
+        path: String,
+        stored: u64,
+        wanted: u64,
+        cluster: String,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] raft::StoreError),
+    #[error(transparent)]
+    Group(#[from] raft::GroupError),
+    #[error(transparent)]
+    Chunks(#[from] crate::chunkstore::ChunkError),
+    #[error("server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::DataDir {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Holds an exclusive lock on the data directory for the node's lifetime.
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(data_err(dir))?;
+    // SAFETY: flock on a valid open file descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(NodeError::Locked {
+            path: dir.display().to_string(),
+        });
+    }
+    Ok(DirLock(f))
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    if cfg.id == 0 {
+        return Err(NodeError::BadId);
+    }
+    std::fs::create_dir_all(&cfg.data).map_err(data_err(&cfg.data))?;
+    let _lock = lock_dir(&cfg.data)?;
+    let store = Store::open(&cfg.data.join("meta"))?;
+    match store.node_get("node_id")? {
+        Some(stored) => {
+            let stored: u64 = stored.parse().unwrap_or(0);
+            if stored != cfg.id {
+                return Err(NodeError::WrongNode {
+                    path: cfg.data.display().to_string(),
+                    stored,
+                    wanted: cfg.id,
+                    cluster: store
+                        .node_get("cluster_id")?
+                        .unwrap_or_else(|| "none".into()),
+                });
+            }
+        }
+        None => store.node_set("node_id", &cfg.id.to_string())?,
+    }
+    let chunks = Arc::new(ChunkStore::open(&cfg.data, cfg.reserve_mib << 20)?);
+    let settings = RaftSettings {
+        snapshot_every: cfg.snapshot_every.max(1),
+        keep_behind_snapshot: cfg.keep_logs,
+        ..Default::default()
+    };
+    let snap_root = cfg.data.join("snapshots");
+    let registry = Registry::open(
+        cfg.id,
+        store,
+        Arc::new(NamespaceApp),
+        settings,
+        snap_root.clone(),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let meta = Arc::new(MetaSvc {
+        registry: registry.clone(),
+    });
+    let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
+    let admin = AdminSvc {
+        registry: registry.clone(),
+        chunks: chunks.clone(),
+        meta: meta.clone(),
+    };
+    tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftServiceServer::new(raft_svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MetaServiceServer::from_arc(meta)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ChunkServiceServer::new(ChunkSvc { store: chunks })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(AdminServiceServer::new(admin))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    registry.shutdown().await;
+    tracing::info!(id = cfg.id, "node stopped");
+    Ok(())
+}

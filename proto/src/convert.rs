@@ -1,0 +1,231 @@
+//! Domain helpers shared by nodes and clients: chunk ids, inode numbers that
+//! carry their shard, name checks, timestamps and wire errors.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::meta::{Error, ErrorCode, Timespec};
+
+/// Largest gRPC message either side accepts: a 4 MiB chunk plus framing, or a
+/// large layout commit.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Longest file name in bytes, as on Linux.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// The root directory's inode number (FUSE requires 1). It lives in group 0.
+pub const ROOT_INO: u64 = 1;
+
+/// Inode numbers carry their Raft group in the bits above this shift.
+pub const GROUP_SHIFT: u32 = 48;
+
+/// Wire-format version of replicated commands and stored values.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The Raft group (metadata shard) that owns an inode.
+pub fn group_of_ino(ino: u64) -> u32 {
+    (ino >> GROUP_SHIFT) as u32
+}
+
+/// The inode number of the `seq`-th inode allocated by `group`.
+pub fn make_ino(group: u32, seq: u64) -> u64 {
+    (u64::from(group) << GROUP_SHIFT) | (seq & ((1 << GROUP_SHIFT) - 1))
+}
+
+/// A chunk's content address: XXH3-128 of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 16]);
+
+impl ChunkId {
+    pub fn of(data: &[u8]) -> Self {
+        ChunkId(xxhash_rust::xxh3::xxh3_128(data).to_be_bytes())
+    }
+
+    /// The chunk-index shard that records this chunk.
+    pub fn group(&self, group_count: u32) -> u32 {
+        let prefix = u32::from_be_bytes([self.0[0], self.0[1], self.0[2], self.0[3]]);
+        prefix % group_count.max(1)
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn verify(&self, data: &[u8]) -> bool {
+        ChunkId::of(data) == *self
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("chunk id must be 16 bytes, got {0}")]
+pub struct BadChunkId(pub usize);
+
+impl TryFrom<&[u8]> for ChunkId {
+    type Error = BadChunkId;
+    fn try_from(b: &[u8]) -> Result<Self, BadChunkId> {
+        let arr: [u8; 16] = b.try_into().map_err(|_| BadChunkId(b.len()))?;
+        Ok(ChunkId(arr))
+    }
+}
+
+/// Why a name cannot be used as a directory entry.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is {0} bytes, longer than {MAX_NAME_LEN}")]
+    TooLong(usize),
+    #[error("name contains '/'")]
+    Slash,
+    #[error("name contains a NUL byte")]
+    Nul,
+    #[error("'.' and '..' cannot be used as names")]
+    Dot,
+}
+
+/// Checks a single path component for use as a new or looked-up name.
+pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong(name.len()));
+    }
+    if name.contains(&b'/') {
+        return Err(NameError::Slash);
+    }
+    if name.contains(&0) {
+        return Err(NameError::Nul);
+    }
+    if name == b"." || name == b".." {
+        return Err(NameError::Dot);
+    }
+    Ok(())
+}
+
+impl From<NameError> for Error {
+    fn from(e: NameError) -> Self {
+        let code = match e {
+            NameError::TooLong(_) => ErrorCode::NameTooLong,
+            _ => ErrorCode::Invalid,
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error {
+            code: code as i32,
+            message: message.into(),
+            leader_id: 0,
+            leader_addr: String::new(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code(), self.message)?;
+        if self.leader_id != 0 {
+            write!(f, " (leader {} at {})", self.leader_id, self.leader_addr)?;
+        }
+        Ok(())
+    }
+}
+
+impl Timespec {
+    pub fn now() -> Self {
+        SystemTime::now().into()
+    }
+}
+
+impl From<SystemTime> for Timespec {
+    fn from(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(e) => {
+                // Before 1970: negative seconds with a non-negative nanosecond part.
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos();
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timespec { sec, nsec }
+            }
+        }
+    }
+}
+
+impl From<Timespec> for SystemTime {
+    fn from(t: Timespec) -> Self {
+        if t.sec >= 0 {
+            UNIX_EPOCH + std::time::Duration::new(t.sec as u64, t.nsec)
+        } else {
+            UNIX_EPOCH - std::time::Duration::from_secs(t.sec.unsigned_abs())
+                + std::time::Duration::from_nanos(u64::from(t.nsec))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(validate_name(b"a"), Ok(()));
+        assert_eq!(validate_name(b""), Err(NameError::Empty));
+        assert_eq!(validate_name(b"a/b"), Err(NameError::Slash));
+        assert_eq!(validate_name(b"a\0b"), Err(NameError::Nul));
+        assert_eq!(validate_name(b".."), Err(NameError::Dot));
+        assert_eq!(validate_name(&[b'x'; 256]), Err(NameError::TooLong(256)));
+        assert_eq!(validate_name(&[b'x'; 255]), Ok(()));
+    }
+
+    #[test]
+    fn inode_numbers_carry_their_group() {
+        assert_eq!(make_ino(0, 1), ROOT_INO);
+        let ino = make_ino(7, 42);
+        assert_eq!(group_of_ino(ino), 7);
+        assert_eq!(ino & 0xffff_ffff, 42);
+    }
+
+    #[test]
+    fn timespec_round_trips_before_and_after_epoch() {
+        for t in [
+            Timespec { sec: 5, nsec: 7 },
+            Timespec { sec: -5, nsec: 7 },
+            Timespec { sec: 0, nsec: 0 },
+        ] {
+            let st: SystemTime = t.into();
+            assert_eq!(Timespec::from(st), t);
+        }
+    }
+
+    #[test]
+    fn chunk_id_verifies_content() {
+        let id = ChunkId::of(b"hello");
+        assert!(id.verify(b"hello"));
+        assert!(!id.verify(b"hellp"));
+        assert_eq!(ChunkId::try_from(&id.0[..]), Ok(id));
+        assert_eq!(ChunkId::try_from(&[1u8, 2][..]), Err(BadChunkId(2)));
+    }
+}

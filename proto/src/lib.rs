@@ -1,0 +1,18 @@
+//! The MusicFS wire: generated protobuf types and gRPC stubs, plus helpers
+//! that convert between wire values and domain values.
+
+pub mod meta {
+    tonic::include_proto!("musicfs.meta");
+}
+pub mod raft {
+    tonic::include_proto!("musicfs.raft");
+}
+pub mod storage {
+    tonic::include_proto!("musicfs.storage");
+}
+pub mod admin {
+    tonic::include_proto!("musicfs.admin");
+}
+
+mod convert;
+pub use convert::*;

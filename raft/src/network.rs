@@ -1,0 +1,619 @@
+//! gRPC transport for Raft. One connection per node pair carries every
+//! group; each message names its cluster and group. Snapshots stream as
+//! bounded pieces read from and written to files.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::SnapshotOf;
+use openraft::BasicNode;
+use proto::raft as pb;
+use proto::raft::raft_service_client::RaftServiceClient;
+use proto::raft::raft_service_server::RaftService;
+use proto::MAX_MESSAGE_BYTES;
+use tokio::io::AsyncWriteExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{self, Vote};
+use crate::group::Registry;
+use crate::snapshot::SnapshotFile;
+use crate::TypeConfig;
+
+/// Group ids a node accepts from peers.
+const MAX_GROUPS: u32 = 4096;
+
+/// Bytes of snapshot data per streamed message.
+const SNAPSHOT_PIECE: usize = 1 << 20;
+
+/// Stable codes of Raft transport errors (docs/ERRORS.md).
+pub mod codes {
+    pub const WRONG_CLUSTER: u32 = 1;
+    pub const UNKNOWN_GROUP: u32 = 2;
+    pub const MALFORMED: u32 = 3;
+    pub const FATAL: u32 = 4;
+    pub const WRONG_NODE: u32 = 5;
+}
+
+/// Outgoing connections of this node.
+pub struct Transport {
+    node_id: u64,
+    cluster_id: RwLock<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Transport {
+    pub fn new(node_id: u64, cluster_id: String) -> Arc<Self> {
+        Arc::new(Transport {
+            node_id,
+            cluster_id: RwLock::new(cluster_id),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn set_cluster_id(&self, id: &str) {
+        *self.cluster_id.write().unwrap_or_else(|e| e.into_inner()) = id.to_string();
+    }
+
+    pub fn cluster_id(&self) -> String {
+        self.cluster_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, tonic::transport::Error> {
+        let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let ch = match chans.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let ep = Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(Duration::from_secs(3));
+                let c = ep.connect_lazy();
+                chans.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(RaftServiceClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    pub fn factory(self: &Arc<Self>, group: u32) -> NetworkFactory {
+        NetworkFactory {
+            group,
+            transport: self.clone(),
+        }
+    }
+}
+
+pub struct NetworkFactory {
+    group: u32,
+    transport: Arc<Transport>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupClient {
+        GroupClient {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+        }
+    }
+}
+
+/// Sends one group's Raft messages to one node.
+pub struct GroupClient {
+    group: u32,
+    target: u64,
+    addr: String,
+    transport: Arc<Transport>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NetErr(String);
+
+fn unreachable<E: std::fmt::Display>(e: E) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&NetErr(e.to_string())))
+}
+
+fn network<E: std::fmt::Display>(e: E) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&NetErr(e.to_string())))
+}
+
+fn status_err(s: Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            unreachable(s.message())
+        }
+        _ => network(s.message()),
+    }
+}
+
+fn remote_err(e: pb::RaftError) -> RPCError<TypeConfig> {
+    // A peer that refuses us (wrong cluster, group not hosted) is as good as
+    // unreachable to this group: back off and retry.
+    unreachable(format!("peer refused (code {}): {}", e.code, e.message))
+}
+
+impl GroupClient {
+    fn header(&self) -> pb::RaftHeader {
+        pb::RaftHeader {
+            cluster_id: self.transport.cluster_id(),
+            group_id: self.group,
+            from_node: self.transport.node_id,
+            to_node: self.target,
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupClient {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = pb::AppendEnvelope {
+            header: Some(self.header()),
+            request: Some(pb::AppendEntriesRequest {
+                vote: Some(convert::vote_to_pb(&rpc.vote)),
+                prev_log_id: rpc.prev_log_id.as_ref().map(convert::log_id_to_pb),
+                entries: rpc.entries.iter().map(convert::entry_to_pb).collect(),
+                leader_commit: rpc.leader_commit.as_ref().map(convert::log_id_to_pb),
+            }),
+        };
+        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let mut r = Request::new(req);
+        r.set_timeout(option.soft_ttl());
+        let reply = c.append_entries(r).await.map_err(status_err)?.into_inner();
+        if let Some(e) = reply.error {
+            return Err(remote_err(e));
+        }
+        let resp = reply
+            .response
+            .ok_or_else(|| network("empty append reply"))?;
+        use pb::append_entries_response::Result as R;
+        Ok(match resp.result {
+            Some(R::Success(_)) => AppendEntriesResponse::Success,
+            Some(R::PartialSuccess(l)) => AppendEntriesResponse::PartialSuccess(Some(
+                convert::log_id_from_pb(&l).map_err(network)?,
+            )),
+            Some(R::Conflict(_)) => AppendEntriesResponse::Conflict,
+            Some(R::HigherVote(v)) => {
+                AppendEntriesResponse::HigherVote(convert::vote_from_pb(&v).map_err(network)?)
+            }
+            None if resp.partial_none => AppendEntriesResponse::PartialSuccess(None),
+            None => return Err(network("append reply without a result")),
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = pb::VoteEnvelope {
+            header: Some(self.header()),
+            request: Some(pb::VoteRequest {
+                vote: Some(convert::vote_to_pb(&rpc.vote)),
+                last_log_id: rpc.last_log_id.as_ref().map(convert::log_id_to_pb),
+                leadership_transfer: rpc.leadership_transfer,
+            }),
+        };
+        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let mut r = Request::new(req);
+        r.set_timeout(option.soft_ttl());
+        let reply = c.vote(r).await.map_err(status_err)?.into_inner();
+        if let Some(e) = reply.error {
+            return Err(remote_err(e));
+        }
+        let v = reply.response.ok_or_else(|| network("empty vote reply"))?;
+        let vote = convert::vote_from_pb(v.vote.as_ref().ok_or_else(|| network("vote missing"))?)
+            .map_err(network)?;
+        Ok(VoteResponse::new(
+            vote,
+            convert::opt_log_id_from_pb(&v.last_log_id).map_err(network)?,
+            v.vote_granted,
+        ))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = self.header();
+        let meta = convert::snapshot_meta_to_pb(&snapshot.meta, "");
+        let mut file = snapshot.snapshot.file;
+        // Read the file on a blocking thread, piece by piece, into a bounded channel.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::SnapshotChunk>(4);
+        let vote_pb = convert::vote_to_pb(&vote);
+        tokio::task::spawn_blocking(move || {
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_PIECE];
+                let n = match read_full(&mut file, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!("reading snapshot file: {e}");
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let done = n < SNAPSHOT_PIECE;
+                let chunk = pb::SnapshotChunk {
+                    header: first.then(|| header.clone()),
+                    vote: first.then(|| vote_pb.clone()),
+                    meta: first.then(|| meta.clone()),
+                    data: Bytes::from(buf),
+                    done,
+                };
+                first = false;
+                if tx.blocking_send(chunk).is_err() || done {
+                    return;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut c = self
+            .transport
+            .client(&self.addr)
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&NetErr(e.to_string()))))?;
+        let mut req = Request::new(stream);
+        req.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
+        let send = c.install_snapshot(req);
+        let reply = tokio::select! {
+            r = send => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply
+            .map_err(|s| {
+                StreamingError::Unreachable(Unreachable::new(&NetErr(s.message().to_string())))
+            })?
+            .into_inner();
+        if let Some(e) = reply.error {
+            return Err(StreamingError::Unreachable(Unreachable::new(&NetErr(
+                format!("peer refused snapshot (code {}): {}", e.code, e.message),
+            ))));
+        }
+        let v = reply.vote.ok_or_else(|| {
+            StreamingError::Network(NetworkError::new(&NetErr(
+                "snapshot reply without vote".into(),
+            )))
+        })?;
+        let v = convert::vote_from_pb(&v)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&NetErr(e.to_string()))))?;
+        Ok(SnapshotResponse::new(v))
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Serves Raft RPCs for every group this node hosts.
+pub struct RaftServer {
+    registry: Arc<Registry>,
+    snapshot_tmp: PathBuf,
+}
+
+impl RaftServer {
+    pub fn new(registry: Arc<Registry>, snapshot_tmp: PathBuf) -> Self {
+        RaftServer {
+            registry,
+            snapshot_tmp,
+        }
+    }
+
+    fn err(code: u32, message: impl Into<String>) -> pb::RaftError {
+        pb::RaftError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    async fn check(&self, h: &Option<pb::RaftHeader>) -> Result<crate::Raft, pb::RaftError> {
+        let h = h
+            .as_ref()
+            .ok_or_else(|| Self::err(codes::MALFORMED, "raft message without header"))?;
+        let mine = self.registry.cluster_id();
+        if mine.is_empty() {
+            // A fresh node joins the cluster whose nodes first contact it.
+            self.registry
+                .adopt_cluster(&h.cluster_id)
+                .map_err(|e| Self::err(codes::FATAL, e.to_string()))?;
+        } else if h.cluster_id != mine {
+            tracing::error!(
+                from = h.from_node,
+                theirs = %h.cluster_id,
+                ours = %mine,
+                "refusing raft message from another cluster"
+            );
+            return Err(Self::err(
+                codes::WRONG_CLUSTER,
+                format!(
+                    "node {} belongs to cluster {mine}, not to cluster {}",
+                    self.registry.node_id(),
+                    h.cluster_id
+                ),
+            ));
+        }
+        if h.to_node != self.registry.node_id() {
+            return Err(Self::err(
+                codes::WRONG_NODE,
+                format!(
+                    "this is node {}, not node {}",
+                    self.registry.node_id(),
+                    h.to_node
+                ),
+            ));
+        }
+        if let Some(r) = self.registry.raft(h.group_id) {
+            return Ok(r);
+        }
+        if h.group_id >= MAX_GROUPS {
+            return Err(Self::err(
+                codes::UNKNOWN_GROUP,
+                format!("group {} is out of range", h.group_id),
+            ));
+        }
+        // Every node hosts a replica of every group: create it on first contact.
+        self.registry
+            .ensure_group(h.group_id)
+            .await
+            .map(|g| g.raft().clone())
+            .map_err(|e| Self::err(codes::UNKNOWN_GROUP, e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftServer {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEnvelope>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        let env = request.into_inner();
+        let raft = match self.check(&env.header).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::AppendReply {
+                    response: None,
+                    error: Some(e),
+                }))
+            }
+        };
+        let parse = || -> Result<AppendEntriesRequest<TypeConfig>, convert::Malformed> {
+            let r = env
+                .request
+                .as_ref()
+                .ok_or_else(|| convert::Malformed("no request".into()))?;
+            Ok(AppendEntriesRequest {
+                vote: convert::vote_from_pb(
+                    r.vote
+                        .as_ref()
+                        .ok_or_else(|| convert::Malformed("no vote".into()))?,
+                )?,
+                prev_log_id: convert::opt_log_id_from_pb(&r.prev_log_id)?,
+                entries: r
+                    .entries
+                    .iter()
+                    .map(convert::entry_from_pb)
+                    .collect::<Result<_, _>>()?,
+                leader_commit: convert::opt_log_id_from_pb(&r.leader_commit)?,
+            })
+        };
+        let req = match parse() {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::AppendReply {
+                    response: None,
+                    error: Some(Self::err(codes::MALFORMED, e.to_string())),
+                }))
+            }
+        };
+        use pb::append_entries_response::Result as R;
+        let reply = match raft.append_entries(req).await {
+            Ok(resp) => {
+                let mut out = pb::AppendEntriesResponse::default();
+                match resp {
+                    AppendEntriesResponse::Success => out.result = Some(R::Success(true)),
+                    AppendEntriesResponse::PartialSuccess(Some(l)) => {
+                        out.result = Some(R::PartialSuccess(convert::log_id_to_pb(&l)))
+                    }
+                    AppendEntriesResponse::PartialSuccess(None) => out.partial_none = true,
+                    AppendEntriesResponse::Conflict => out.result = Some(R::Conflict(true)),
+                    AppendEntriesResponse::HigherVote(v) => {
+                        out.result = Some(R::HigherVote(convert::vote_to_pb(&v)))
+                    }
+                }
+                pb::AppendReply {
+                    response: Some(out),
+                    error: None,
+                }
+            }
+            Err(e) => pb::AppendReply {
+                response: None,
+                error: Some(Self::err(codes::FATAL, e.to_string())),
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::VoteEnvelope>,
+    ) -> Result<Response<pb::VoteReply>, Status> {
+        let env = request.into_inner();
+        let raft = match self.check(&env.header).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::VoteReply {
+                    response: None,
+                    error: Some(e),
+                }))
+            }
+        };
+        let parse = || -> Result<VoteRequest<TypeConfig>, convert::Malformed> {
+            let r = env
+                .request
+                .as_ref()
+                .ok_or_else(|| convert::Malformed("no request".into()))?;
+            let mut v = VoteRequest::new(
+                convert::vote_from_pb(
+                    r.vote
+                        .as_ref()
+                        .ok_or_else(|| convert::Malformed("no vote".into()))?,
+                )?,
+                convert::opt_log_id_from_pb(&r.last_log_id)?,
+            );
+            v.leadership_transfer = r.leadership_transfer;
+            Ok(v)
+        };
+        let req = match parse() {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::VoteReply {
+                    response: None,
+                    error: Some(Self::err(codes::MALFORMED, e.to_string())),
+                }))
+            }
+        };
+        let reply = match raft.vote(req).await {
+            Ok(v) => pb::VoteReply {
+                response: Some(pb::VoteResponse {
+                    vote: Some(convert::vote_to_pb(&v.vote)),
+                    vote_granted: v.vote_granted,
+                    last_log_id: v.last_log_id.as_ref().map(convert::log_id_to_pb),
+                }),
+                error: None,
+            },
+            Err(e) => pb::VoteReply {
+                response: None,
+                error: Some(Self::err(codes::FATAL, e.to_string())),
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let raft = match self.check(&first.header).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::SnapshotReply {
+                    vote: None,
+                    error: Some(e),
+                }))
+            }
+        };
+        let malformed = |m: String| {
+            Ok(Response::new(pb::SnapshotReply {
+                vote: None,
+                error: Some(Self::err(codes::MALFORMED, m)),
+            }))
+        };
+        let vote = match first.vote.as_ref().map(convert::vote_from_pb) {
+            Some(Ok(v)) => v,
+            _ => return malformed("snapshot without a valid vote".into()),
+        };
+        let meta = match first.meta.as_ref().map(convert::snapshot_meta_from_pb) {
+            Some(Ok(m)) => m,
+            _ => return malformed("snapshot without valid meta".into()),
+        };
+        let group = first
+            .header
+            .as_ref()
+            .map(|h| h.group_id)
+            .unwrap_or_default();
+        tokio::fs::create_dir_all(&self.snapshot_tmp)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let path = self.snapshot_tmp.join(format!(
+            "incoming-g{group}-{}.snap",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let write = async {
+            let mut f = tokio::fs::File::create(&path).await?;
+            f.write_all(&first.data).await?;
+            let mut done = first.done;
+            while !done {
+                let Some(c) = stream.message().await.map_err(std::io::Error::other)? else {
+                    return Err(std::io::Error::other("snapshot stream ended early"));
+                };
+                f.write_all(&c.data).await?;
+                done = c.done;
+            }
+            f.sync_all().await?;
+            Ok::<_, std::io::Error>(())
+        };
+        if let Err(e) = write.await {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(Status::internal(format!("receiving snapshot: {e}")));
+        }
+        let file = SnapshotFile::open(&path).map_err(|e| Status::internal(e.to_string()))?;
+        let snap = openraft::storage::Snapshot {
+            meta,
+            snapshot: file,
+        };
+        match raft.install_full_snapshot(vote, snap).await {
+            Ok(r) => Ok(Response::new(pb::SnapshotReply {
+                vote: Some(convert::vote_to_pb(&r.vote)),
+                error: None,
+            })),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                Ok(Response::new(pb::SnapshotReply {
+                    vote: None,
+                    error: Some(Self::err(codes::FATAL, e.to_string())),
+                }))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        _request: Request<pb::TransferLeaderEnvelope>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        Err(Status::unimplemented(
+            "leader transfer is not supported yet",
+        ))
+    }
+}

@@ -1,0 +1,166 @@
+//! The node's one RocksDB: every group's log, Raft state and state machine,
+//! keyed by group id. A single long-lived flusher thread makes appends
+//! durable in batches: one WAL fsync covers every group that appended since
+//! the last one, so fsyncs grow with time, not with groups.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::TypeConfig;
+
+/// Raft log entries: `[group u32][index u64]` → `raft.Entry`.
+pub const CF_LOG: &str = "log";
+/// Raft state per group: vote, committed, purged, applied, membership, snapshot meta.
+pub const CF_RAFT: &str = "raft";
+/// State machine data; keys start with the group id.
+pub const CF_SM: &str = "sm";
+/// Node-wide settings: node id, cluster id.
+pub const CF_NODE: &str = "node";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb at {path}: {source}")]
+    Rocks {
+        path: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("flusher thread stopped")]
+    FlusherGone,
+}
+
+type Flush = openraft::storage::IOFlushed<TypeConfig>;
+
+pub struct Store {
+    pub db: Arc<DB>,
+    path: PathBuf,
+    flush_tx: mpsc::Sender<Flush>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_NODE]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Rocks {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let db = Arc::new(db);
+        let (flush_tx, flush_rx) = mpsc::channel::<Flush>();
+        let fdb = db.clone();
+        thread::Builder::new()
+            .name("raft-flusher".into())
+            .spawn(move || flusher(fdb, flush_rx))
+            .map_err(|_| StoreError::FlusherGone)?;
+        Ok(Arc::new(Store {
+            db,
+            path: path.to_path_buf(),
+            flush_tx,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // The column families are created at open; a missing one is a bug.
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn err(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Writes a batch without waiting for the disk.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+    }
+
+    /// Writes a batch and fsyncs the WAL before returning.
+    pub fn write_sync(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(cf), key).map_err(|e| self.err(e))
+    }
+
+    /// Hands `cb` to the flusher; it fires once the WAL is on disk.
+    pub fn flush_then(&self, cb: Flush) {
+        if let Err(mpsc::SendError(cb)) = self.flush_tx.send(cb) {
+            cb.io_completed(Err(std::io::Error::other("raft flusher stopped")));
+        }
+    }
+
+    /// Node-wide setting.
+    pub fn node_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(CF_NODE, key.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn node_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_NODE), key.as_bytes(), value.as_bytes());
+        self.write_sync(b)
+    }
+
+    /// Approximate bytes on disk of the whole store.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db
+            .property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+fn flusher(db: Arc<DB>, rx: mpsc::Receiver<Flush>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let res = db.flush_wal(true);
+        for cb in waiting {
+            cb.io_completed(match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(format!("WAL fsync failed: {e}"))),
+            });
+        }
+    }
+}
+
+pub(crate) fn group_key(group: u32, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + suffix.len());
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(suffix);
+    k
+}
+
+pub(crate) fn log_key(group: u32, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
