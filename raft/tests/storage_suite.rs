@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use musicfs_raft::{Application, GroupStateMachine, KvView, LogStore, Store, TypeConfig};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
-use raft::{Application, GroupStateMachine, KvView, LogStore, Store, TypeConfig};
 
 /// An application that keeps no state of its own.
 struct NoApp;
@@ -32,9 +32,6 @@ impl StoreBuilder<TypeConfig, LogStore, GroupStateMachine, tempfile::TempDir> fo
     ) -> Result<(tempfile::TempDir, LogStore, GroupStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db")).expect("open store");
-        // Another group in the same database must not disturb this one.
-        let other = LogStore::new(store.clone(), self.group + 1);
-        drop(other);
         let log = LogStore::new(store.clone(), self.group);
         let sm =
             GroupStateMachine::open(store, self.group, Arc::new(NoApp), dir.path().join("snap"))
