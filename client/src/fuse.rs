@@ -715,7 +715,7 @@ async fn fill_listing(
         let mut page = Vec::new();
         if restart {
             let dot = fs.getattr(ino).await?;
-            page.push((b".".to_vec(), ino, FileKind::Directory, Some(dot.clone())));
+            page.push((b".".to_vec(), ino, FileKind::Directory, Some(dot)));
             page.push((b"..".to_vec(), ino, FileKind::Directory, Some(dot)));
         }
         let after = match &after {

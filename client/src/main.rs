@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> Result<()> {
             loop {
                 let (entries, more) = fs.readdir(dir.ino, &after, 1024, true).await?;
                 for e in &entries {
-                    let a = e.attr.clone().unwrap_or_default();
+                    let a = e.attr.unwrap_or_default();
                     println!(
                         "{:o} {:>5} {:>5} {:>12} {}",
                         a.perm,

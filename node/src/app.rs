@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use prost::Message;
 use proto::meta::{Command, CommandResult, Error as WireError, ErrorCode};
-use raft::{Application, KvView};
+use raft::{Application, KvView, KvWrites};
 
 use crate::namespace::{KvError, KvRead, Namespace, NsError, Txn};
 
@@ -12,27 +12,24 @@ pub struct ViewKv<'a, 'b>(pub &'a KvView<'b>);
 
 impl KvRead for ViewKv<'_, '_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.0.get(key).map_err(KvError::Storage)
+        self.0.get(key).map_err(|e| KvError::Storage(e.to_string()))
     }
     fn scan(
         &self,
         prefix: &[u8],
         after: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
-        self.0.scan(prefix, after, limit).map_err(KvError::Storage)
+    ) -> Result<crate::namespace::KvPairs, KvError> {
+        self.0
+            .scan(prefix, after, limit)
+            .map_err(|e| KvError::Storage(e.to_string()))
     }
 }
 
 pub struct NamespaceApp;
 
 impl Application for NamespaceApp {
-    fn apply(
-        &self,
-        group: u32,
-        view: &KvView<'_>,
-        command: &[u8],
-    ) -> (Vec<(Vec<u8>, Option<Vec<u8>>)>, Bytes) {
+    fn apply(&self, group: u32, view: &KvView<'_>, command: &[u8]) -> (KvWrites, Bytes) {
         let reply = |r: CommandResult| Bytes::from(r.encode_to_vec());
         let cmd = match Command::decode(command) {
             Ok(c) => c,

@@ -94,17 +94,15 @@ impl NsError {
     }
 }
 
+/// Key-value pairs returned by a scan.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Read access to one group's keys.
 pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
     /// Up to `limit` pairs whose key starts with `prefix` and sorts after
     /// `prefix + after`, in key order.
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn scan(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<KvPairs, KvError>;
 }
 
 /// An in-memory key-value store, for tests and tools.
@@ -115,12 +113,7 @@ impl KvRead for MemKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self.0.get(key).cloned())
     }
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<KvPairs, KvError> {
         let mut start = prefix.to_vec();
         start.extend_from_slice(after);
         let mut out = Vec::new();
@@ -227,12 +220,7 @@ impl<R: KvRead + ?Sized> KvRead for Txn<'_, R> {
         }
     }
 
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<KvPairs, KvError> {
         // Base rows, corrected by this transaction's writes in the range.
         let pending = self
             .writes
@@ -613,7 +601,7 @@ impl Namespace {
         let a = attr_mut(&mut rec);
         a.nlink = if is_dir { 0 } else { a.nlink.saturating_sub(1) };
         a.ctime = Some(now);
-        let out = a.clone();
+        let out = *a;
         if out.nlink == 0 {
             let old = self.load_layout(txn, ino)?;
             self.change_refs(txn, &old, &[], now)?;
@@ -817,7 +805,7 @@ impl Namespace {
         }
         attr_mut(&mut rec).ctime = Some(now);
         txn.put(keys::inode(self.group, ino), &rec);
-        Ok(attr(&rec).clone())
+        Ok(*attr(&rec))
     }
 
     fn set_attr<R: KvRead + ?Sized>(
@@ -827,7 +815,7 @@ impl Namespace {
         now: Timespec,
     ) -> Result<CommandResult, NsError> {
         let mut rec = self.load_inode(txn, op.ino)?;
-        let f = op.fields.clone().unwrap_or_default();
+        let f = op.fields.unwrap_or_default();
         let kind = kind_of(attr(&rec));
         if let Some(size) = f.size {
             match kind {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 pub use group::{Group, GroupError, GroupStatus, RaftSettings, Registry};
 pub use log_store::LogStore;
 pub use network::{RaftServer, Transport};
-pub use state_machine::{Application, GroupStateMachine, KvView};
+pub use state_machine::{Application, GroupStateMachine, KvPairs, KvView, KvWrites};
 pub use store::{Store, StoreError, CF_SM};
 
 /// A replicated command, encoded by the application.

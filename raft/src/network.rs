@@ -264,7 +264,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                 let done = n < SNAPSHOT_PIECE;
                 let chunk = pb::SnapshotChunk {
                     header: first.then(|| header.clone()),
-                    vote: first.then(|| vote_pb.clone()),
+                    vote: first.then_some(vote_pb),
                     meta: first.then(|| meta.clone()),
                     data: Bytes::from(buf),
                     done,

@@ -16,13 +16,18 @@ use rocksdb::WriteBatch;
 
 use crate::convert::{self, LogId, SnapshotMeta, StoredMem};
 use crate::snapshot::{self, SnapshotFile};
-use crate::store::{group_key, Store, CF_RAFT, CF_SM};
+use crate::store::{group_key, Store, StoreError, CF_RAFT, CF_SM};
 use crate::{AppResponse, TypeConfig};
 
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const SNAP_META: &[u8] = b"snapmeta";
 const INSTALLING: &[u8] = b"installing";
+
+/// Key-value pairs read from the state machine.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Writes an application makes: a value, or `None` to delete the key.
+pub type KvWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Read access to the node's state-machine keys (column family `sm`).
 pub struct KvView<'a> {
@@ -34,18 +39,13 @@ impl<'a> KvView<'a> {
         KvView { store }
     }
 
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        self.store.get(CF_SM, key).map_err(|e| e.to_string())
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(CF_SM, key)
     }
 
     /// Up to `limit` pairs with keys starting with `prefix` and sorting after
     /// `prefix + after` (exclusive), in order.
-    pub fn scan(
-        &self,
-        prefix: &[u8],
-        after: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    pub fn scan(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         let mut start = prefix.to_vec();
         start.extend_from_slice(after);
         let mut out = Vec::new();
@@ -54,7 +54,7 @@ impl<'a> KvView<'a> {
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         for item in it {
-            let (k, v) = item.map_err(|e| e.to_string())?;
+            let (k, v) = item.map_err(|e| self.store.rocks_err(e))?;
             if !k.starts_with(prefix) || out.len() >= limit {
                 break;
             }

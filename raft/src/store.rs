@@ -80,6 +80,10 @@ impl Store {
             .expect("column family created at open")
     }
 
+    pub(crate) fn rocks_err(&self, source: rocksdb::Error) -> StoreError {
+        self.err(source)
+    }
+
     fn err(&self, source: rocksdb::Error) -> StoreError {
         StoreError::Rocks {
             path: self.path.display().to_string(),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use musicfs_raft::{Application, GroupStateMachine, KvView, LogStore, Store, TypeConfig};
+use musicfs_raft::{Application, GroupStateMachine, KvView, KvWrites, LogStore, Store, TypeConfig};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
 
@@ -12,12 +12,7 @@ use openraft::StorageError;
 struct NoApp;
 
 impl Application for NoApp {
-    fn apply(
-        &self,
-        _group: u32,
-        _view: &KvView<'_>,
-        command: &[u8],
-    ) -> (Vec<(Vec<u8>, Option<Vec<u8>>)>, Bytes) {
+    fn apply(&self, _group: u32, _view: &KvView<'_>, command: &[u8]) -> (KvWrites, Bytes) {
         (Vec::new(), Bytes::copy_from_slice(command))
     }
 }
