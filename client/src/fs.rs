@@ -52,6 +52,8 @@ pub struct FsStats {
 /// State of a file opened through this client, shared by all its handles.
 struct FileState {
     ino: u64,
+    /// Attributes as last seen; they answer `fstat` once the file is unlinked.
+    attr: Attr,
     /// The layout as committed, plus uploaded but uncommitted chunks.
     extents: Vec<Extent>,
     size: u64,
@@ -101,7 +103,8 @@ impl Fs {
     async fn local_view(&self, mut attr: Attr) -> Attr {
         let state = lock(&self.files).get(&attr.ino).cloned();
         if let Some(st) = state {
-            let st = st.lock().await;
+            let mut st = st.lock().await;
+            st.attr = attr;
             if st.modified {
                 attr.size = st.size;
                 if st.mtime.is_some() {
@@ -132,10 +135,24 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
-        let r = self
+        let r = match self
             .cluster
             .query(group_of_ino(ino), Q::GetAttr(GetAttrQuery { ino }))
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                // Unlinked while open here: the handle keeps the file alive.
+                let state = lock(&self.files).get(&ino).cloned();
+                let Some(st) = state else { return Err(e) };
+                let st = st.lock().await;
+                let mut a = st.attr;
+                a.nlink = 0;
+                a.size = st.size;
+                return Ok(a);
+            }
+            Err(e) => return Err(e),
+        };
         Ok(self.local_view(Self::attr_of(r.attr)?).await)
     }
 
@@ -370,6 +387,7 @@ impl Fs {
             .collect();
         Ok(FileState {
             ino,
+            attr,
             extents: r.extents,
             size: attr.size,
             locations,

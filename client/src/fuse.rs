@@ -118,6 +118,22 @@ pub fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Whether the process `pid` (primary group `gid`) is a member of `group`,
+/// counting its supplementary groups from /proc.
+fn in_group(pid: u32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Groups:"))
+                .map(|l| l.split_whitespace().skip(1).any(|g| g.parse() == Ok(group)))
+        })
+        .unwrap_or(false)
+}
+
 fn time_or_now(t: TimeOrNow) -> Timespec {
     match t {
         TimeOrNow::Now => Timespec::now(),
@@ -156,7 +172,7 @@ impl Filesystem for MusicFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -173,7 +189,8 @@ impl Filesystem for MusicFuse {
         reply: ReplyAttr,
     ) {
         let fs = self.fs.clone();
-        let fields = SetAttrFields {
+        let (caller_uid, caller_gid, pid) = (req.uid(), req.gid(), req.pid());
+        let mut fields = SetAttrFields {
             perm: mode.map(|m| m & 0o7777),
             uid,
             gid,
@@ -183,6 +200,20 @@ impl Filesystem for MusicFuse {
             kill_suid: false,
         };
         self.spawn("setattr", async move {
+            if let Some(perm) = fields
+                .perm
+                .filter(|p| p & libc::S_ISGID != 0 && caller_uid != 0)
+            {
+                // As chmod(2): a caller outside the file's group cannot set
+                // the set-group-ID bit; it is cleared, not refused.
+                match fs.getattr(ino.0).await {
+                    Ok(a) if !in_group(pid, caller_gid, a.gid) => {
+                        fields.perm = Some(perm & !libc::S_ISGID)
+                    }
+                    Ok(_) => {}
+                    Err(e) => return reply.error(errno("setattr", &e)),
+                }
+            }
             match fs.setattr(ino.0, fields).await {
                 Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
