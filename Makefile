@@ -20,6 +20,10 @@ dev: build
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	@# Crate boundaries (docs/ARCHITECTURE.md): proto and client never pull in rocksdb or openraft.
+	@for c in musicfs-proto musicfs; do \
+	  if $(CARGO) tree --locked -e normal -p $$c --prefix none | grep -Eq '^(rocksdb|librocksdb-sys|openraft) '; then \
+	    echo "crate $$c depends on rocksdb or openraft"; exit 1; fi; done
 
 unit: deps
 	$(CARGO) test --release --locked --workspace

@@ -342,6 +342,27 @@ impl Fs {
     /// Opens a file: loads its committed layout unless this client already
     /// has it open. Returns a handle.
     pub async fn open(&self, ino: u64) -> Result<u64> {
+        self.open_with(ino, None).await
+    }
+
+    /// Creates a regular file and opens it, without asking for the layout
+    /// of a file that was just created empty.
+    pub async fn create_open(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Attr, u64)> {
+        let attr = self
+            .create(parent, name, FileKind::Regular, perm, uid, gid, 0, b"")
+            .await?;
+        let fh = self.open_with(attr.ino, Some(attr)).await?;
+        Ok((attr, fh))
+    }
+
+    async fn open_with(&self, ino: u64, created: Option<Attr>) -> Result<u64> {
         let existing = lock(&self.files).get(&ino).cloned();
         let state = match existing {
             Some(st) => {
@@ -349,7 +370,22 @@ impl Fs {
                 st
             }
             None => {
-                let st = self.load(ino).await?;
+                let st = match created {
+                    Some(attr) => FileState {
+                        ino,
+                        attr,
+                        extents: Vec::new(),
+                        size: 0,
+                        locations: HashMap::new(),
+                        new_chunks: Vec::new(),
+                        dirty: DirtyRuns::default(),
+                        modified: false,
+                        mtime: None,
+                        opens: 0,
+                        last_read_end: 0,
+                    },
+                    None => self.load(ino).await?,
+                };
                 let arc = {
                     let mut files = lock(&self.files);
                     // Another open may have raced us; share its state.

@@ -162,7 +162,10 @@ pub async fn run(
             addr: cfg.listen,
             source,
         })?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY on accepted sockets, small replies wait on delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(10)));
     let meta = Arc::new(MetaSvc {
         registry: registry.clone(),
     });
