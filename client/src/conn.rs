@@ -176,6 +176,8 @@ impl Cluster {
             .connect_timeout(Duration::from_secs(2))
             .timeout(self.cfg.rpc_timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let ch = ep.connect_lazy();

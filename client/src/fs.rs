@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use proto::meta::{
     command::Op, query::Q, Attr, ChunkInfo, ChunkInfoQuery, CommitLayoutOp, CreateOp, DirEntry,
@@ -30,9 +31,9 @@ pub const SPILL_BYTES: usize = 32 << 20;
 /// Default size of the in-memory chunk cache of a mount.
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 /// Chunks read ahead of a sequential reader.
-const READAHEAD_CHUNKS: usize = 2;
+const READAHEAD_CHUNKS: usize = 4;
 /// Concurrent chunk uploads per flush.
-const UPLOAD_PARALLELISM: usize = 4;
+const UPLOAD_PARALLELISM: usize = 8;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenameFlags {
@@ -65,6 +66,8 @@ struct FileState {
     opens: usize,
     /// End of the last read, to detect sequential access.
     last_read_end: u64,
+    /// Bumped by every change to the extents, buffer or size.
+    version: u64,
 }
 
 pub struct Fs {
@@ -73,7 +76,11 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Arc<AsyncMutex<FileState>>>>,
     next_fh: AtomicU64,
     cache: Arc<Mutex<ChunkCache>>,
+    inflight: Arc<Mutex<HashMap<ChunkId, SharedFetch>>>,
 }
+
+/// A chunk fetch that several readers (and readahead) can await.
+type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Bytes, String>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -87,6 +94,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cache: Arc::new(Mutex::new(ChunkCache::new(cache_bytes))),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -180,6 +188,7 @@ impl Fs {
             layout::truncate(&mut st.extents, size);
             st.dirty.truncate(size);
             st.size = size;
+            st.version += 1;
         }
         Ok(attr)
     }
@@ -383,6 +392,7 @@ impl Fs {
                         mtime: None,
                         opens: 0,
                         last_read_end: 0,
+                        version: 0,
                     },
                     None => self.load(ino).await?,
                 };
@@ -433,6 +443,7 @@ impl Fs {
             mtime: None,
             opens: 0,
             last_read_end: 0,
+            version: 0,
         })
     }
 
@@ -469,77 +480,125 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
-        let st = self.handle(fh)?;
-        let mut st = st.lock().await;
-        if offset >= st.size || size == 0 {
-            return Ok(Bytes::new());
-        }
-        let end = (offset + u64::from(size)).min(st.size);
-        let mut buf = BytesMut::zeroed((end - offset) as usize);
-        let wanted: Vec<Extent> = st
-            .extents
-            .iter()
-            .filter(|e| layout::extent_end(e) > offset && e.offset < end)
-            .cloned()
-            .collect();
-        for e in &wanted {
-            let id = layout::extent_chunk(e)
-                .ok_or_else(|| ClientError::server(ErrorCode::Corrupt, "bad chunk id in layout"))?;
-            let data = self.fetch(&st, id).await?;
-            let s = e.offset.max(offset);
-            let t = layout::extent_end(e).min(end);
-            let from = (e.chunk_offset + (s - e.offset)) as usize;
-            let to = from + (t - s) as usize;
-            if to > data.len() {
-                return Err(ClientError::server(
-                    ErrorCode::Corrupt,
-                    format!("extent reaches past the end of chunk {id}"),
-                ));
+        let handle = self.handle(fh)?;
+        // Fetch without holding the file's lock, so the kernel's parallel
+        // reads overlap; redo if a write changed the file meanwhile.
+        for _ in 0..8 {
+            let (version, end, wanted) = {
+                let mut st = handle.lock().await;
+                if offset >= st.size || size == 0 {
+                    return Ok(Bytes::new());
+                }
+                let end = (offset + u64::from(size)).min(st.size);
+                let wanted: Vec<(Extent, Vec<u64>)> = st
+                    .extents
+                    .iter()
+                    .filter(|e| layout::extent_end(e) > offset && e.offset < end)
+                    .map(|e| {
+                        let locs = layout::extent_chunk(e)
+                            .and_then(|id| st.locations.get(&id).cloned())
+                            .unwrap_or_default();
+                        (e.clone(), locs)
+                    })
+                    .collect();
+                if offset == st.last_read_end {
+                    self.readahead(&st, end);
+                }
+                st.last_read_end = end;
+                (st.version, end, wanted)
+            };
+            let fetched =
+                futures::future::try_join_all(wanted.iter().map(|(e, locs)| async move {
+                    let id = layout::extent_chunk(e).ok_or_else(|| {
+                        ClientError::server(ErrorCode::Corrupt, "bad chunk id in layout")
+                    })?;
+                    Ok::<_, ClientError>((id, self.fetch(id, locs.clone()).await?))
+                }))
+                .await?;
+            let mut buf = BytesMut::zeroed((end - offset) as usize);
+            for ((e, _), (id, data)) in wanted.iter().zip(fetched) {
+                let s = e.offset.max(offset);
+                let t = layout::extent_end(e).min(end);
+                let from = (e.chunk_offset + (s - e.offset)) as usize;
+                let to = from + (t - s) as usize;
+                if to > data.len() {
+                    return Err(ClientError::server(
+                        ErrorCode::Corrupt,
+                        format!("extent reaches past the end of chunk {id}"),
+                    ));
+                }
+                buf[(s - offset) as usize..(t - offset) as usize].copy_from_slice(&data[from..to]);
             }
-            buf[(s - offset) as usize..(t - offset) as usize].copy_from_slice(&data[from..to]);
+            let st = handle.lock().await;
+            if st.version != version {
+                continue;
+            }
+            st.dirty.overlay_onto(offset, &mut buf);
+            return Ok(buf.freeze());
         }
-        st.dirty.overlay_onto(offset, &mut buf);
-        let sequential = offset == st.last_read_end;
-        st.last_read_end = end;
-        if sequential {
-            self.readahead(&st, end);
-        }
-        Ok(buf.freeze())
+        Err(ClientError::Unavailable(
+            "file kept changing during a read".into(),
+        ))
     }
 
-    async fn fetch(&self, st: &FileState, id: ChunkId) -> Result<Bytes> {
+    /// A chunk from the cache, or fetched once however many readers want it.
+    async fn fetch(&self, id: ChunkId, locations: Vec<u64>) -> Result<Bytes> {
         if let Some(d) = lock(&self.cache).get(&id) {
             return Ok(d);
         }
-        let locations = st.locations.get(&id).cloned().unwrap_or_default();
-        let data = self.cluster.get_chunk(id, &locations).await?;
-        lock(&self.cache).insert(id, data.clone());
-        Ok(data)
+        self.fetch_shared(id, locations)
+            .await
+            .map_err(|reason| ClientError::ChunkUnreadable {
+                id: id.to_hex(),
+                reason,
+            })
+    }
+
+    fn fetch_shared(&self, id: ChunkId, locations: Vec<u64>) -> SharedFetch {
+        let mut inflight = lock(&self.inflight);
+        if let Some(f) = inflight.get(&id) {
+            return f.clone();
+        }
+        let (cluster, cache, table) = (
+            self.cluster.clone(),
+            self.cache.clone(),
+            self.inflight.clone(),
+        );
+        let fut = async move {
+            let r = cluster.get_chunk(id, &locations).await;
+            if let Ok(d) = &r {
+                lock(&cache).insert(id, d.clone());
+            }
+            lock(&table).remove(&id);
+            r.map_err(|e| e.to_string())
+        }
+        .boxed()
+        .shared();
+        inflight.insert(id, fut.clone());
+        fut
     }
 
     /// Starts fetching the chunks after `from` into the cache.
     fn readahead(&self, st: &FileState, from: u64) {
-        let mut next: Vec<(ChunkId, Vec<u64>)> = Vec::new();
+        let mut next: Vec<ChunkId> = Vec::new();
         for e in st.extents.iter().filter(|e| layout::extent_end(e) > from) {
             let Some(id) = layout::extent_chunk(e) else {
                 continue;
             };
-            if next.iter().any(|(i, _)| *i == id) || lock(&self.cache).get(&id).is_some() {
+            if next.contains(&id) {
                 continue;
             }
-            next.push((id, st.locations.get(&id).cloned().unwrap_or_default()));
+            next.push(id);
             if next.len() >= READAHEAD_CHUNKS {
                 break;
             }
         }
-        for (id, locs) in next {
-            let cluster = self.cluster.clone();
-            let cache = self.cache.clone();
-            tokio::spawn(async move {
-                if let Ok(d) = cluster.get_chunk(id, &locs).await {
-                    lock(&cache).insert(id, d);
-                }
-            });
+        for id in next {
+            if lock(&self.cache).get(&id).is_some() || lock(&self.inflight).contains_key(&id) {
+                continue;
+            }
+            let f = self.fetch_shared(id, st.locations.get(&id).cloned().unwrap_or_default());
+            tokio::spawn(f);
         }
     }
 
@@ -553,6 +612,7 @@ impl Fs {
                 ClientError::server(ErrorCode::FileTooBig, "write beyond the maximum file size")
             })?;
         st.dirty.write(offset, data);
+        st.version += 1;
         st.size = st.size.max(end);
         st.modified = true;
         st.mtime = Some(Timespec::now());
@@ -566,6 +626,7 @@ impl Fs {
     /// `all`, the tail of a run that ends at end of file stays buffered, so
     /// a sequential writer gets the same chunk boundaries as a whole-file cut.
     async fn spill(&self, st: &mut FileState, all: bool) -> Result<()> {
+        st.version += 1;
         let runs = st.dirty.take();
         let mut chunks = Vec::new();
         for (off, run) in runs {

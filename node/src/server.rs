@@ -177,7 +177,8 @@ pub async fn run(
     };
     tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .add_service(
             RaftServiceServer::new(raft_svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -10,6 +10,11 @@ use crate::meta::{Error, ErrorCode, Timespec};
 /// large layout commit.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// HTTP/2 flow-control windows for every connection. The 64 KiB default
+/// would stall each multi-MiB chunk transfer on window updates.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
 /// Longest file name in bytes, as on Linux.
 pub const MAX_NAME_LEN: usize = 255;
 

@@ -80,6 +80,8 @@ impl Transport {
                 let ep = Endpoint::from_shared(format!("http://{addr}"))?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
                     .http2_keep_alive_interval(Duration::from_secs(2))
                     .keep_alive_timeout(Duration::from_secs(3));
                 let c = ep.connect_lazy();
