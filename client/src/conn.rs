@@ -71,6 +71,10 @@ pub fn parse_seeds(s: &str) -> Result<Vec<String>> {
 
 pub struct Cluster {
     cfg: ClusterConfig,
+    /// Identifies this client's commands for retry deduplication.
+    client_id: u64,
+    next_seq: std::sync::atomic::AtomicU64,
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
     peers: RwLock<BTreeMap<u64, String>>,
     group_count: RwLock<u32>,
     leaders: RwLock<HashMap<u32, u64>>,
@@ -82,6 +86,9 @@ impl Cluster {
     pub async fn connect(cfg: ClusterConfig) -> Result<Arc<Self>> {
         let cluster = Arc::new(Cluster {
             cfg,
+            client_id: rand::random::<u64>().max(1),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
+            in_flight: Mutex::new(std::collections::BTreeSet::new()),
             peers: RwLock::new(BTreeMap::new()),
             group_count: RwLock::new(1),
             leaders: RwLock::new(HashMap::new()),
@@ -240,6 +247,7 @@ impl Cluster {
         let start = Instant::now();
         let mut backoff = backoff();
         let mut last = String::from("no attempt made");
+        let mut hints_in_a_row = 0u32;
         for attempt in 0usize.. {
             let Some((node, addr)) = self.target(group, attempt) else {
                 last = "no known cluster members".into();
@@ -273,7 +281,10 @@ impl Cluster {
             if start.elapsed() >= self.cfg.deadline {
                 break;
             }
-            if !hinted {
+            hints_in_a_row = if hinted { hints_in_a_row + 1 } else { 0 };
+            // Follow a fresh hint at once; back off when hints go in circles
+            // (an election in progress) or there is none.
+            if !hinted || hints_in_a_row > 2 {
                 let d = backoff.next().unwrap_or(Duration::from_secs(1));
                 tokio::time::sleep(d.min(self.cfg.deadline.saturating_sub(start.elapsed()))).await;
             }
@@ -285,21 +296,39 @@ impl Cluster {
         )))
     }
 
-    /// Replicates a command through the group's Raft log.
+    /// Replicates a command through the group's Raft log. Retries carry the
+    /// same request id, so a command applies once even if a reply is lost.
     pub async fn propose(&self, group: u32, op: proto::meta::command::Op) -> Result<CommandResult> {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let acked_below = {
+            let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            f.insert(seq);
+            f.first().copied().unwrap_or(seq)
+        };
         let req = ProposeRequest {
             group_id: group,
             command: Some(Command {
                 version: FORMAT_VERSION,
                 now: Some(Timespec::now()),
+                client_id: self.client_id,
+                request_seq: seq,
+                acked_below,
                 op: Some(op),
             }),
         };
-        self.with_leader(group, "propose", |mut c| {
-            let req = req.clone();
-            async move { c.propose(req).await.map(|r| r.into_inner()) }
-        })
-        .await
+        let res = self
+            .with_leader(group, "propose", |mut c| {
+                let req = req.clone();
+                async move { c.propose(req).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&seq);
+        res
     }
 
     /// A linearizable read from the group's leader.

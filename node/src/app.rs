@@ -5,7 +5,7 @@ use prost::Message;
 use proto::meta::{Command, CommandResult, Error as WireError, ErrorCode};
 use raft::{Application, KvView, KvWrites};
 
-use crate::namespace::{KvError, KvRead, Namespace, NsError, Txn};
+use crate::namespace::{KvError, KvRead, Namespace};
 
 /// Adapts the Raft store's view to the namespace's key-value interface.
 pub struct ViewKv<'a, 'b>(pub &'a KvView<'b>);
@@ -47,23 +47,15 @@ impl Application for NamespaceApp {
             }
         };
         let kv = ViewKv(view);
-        let mut txn = Txn::new(&kv);
-        match Namespace::new(group).apply(&mut txn, &cmd) {
-            Ok(r) => (txn.into_writes().into_iter().collect(), reply(r)),
-            Err(NsError::Kv(KvError::Storage(e))) => {
+        match Namespace::new(group).apply_request(&kv, &cmd) {
+            Ok((writes, r)) => (writes.into_iter().collect(), reply(r)),
+            Err(e) => {
                 // A replica that cannot read its own state must not carry on
                 // with a different outcome than its peers: stop the node.
                 tracing::error!(group, error = %e, "storage failure while applying; stopping the node");
                 eprintln!("musicfs-node: fatal storage failure in group {group}: {e}");
                 std::process::exit(70);
             }
-            Err(e) => (
-                Vec::new(),
-                reply(CommandResult {
-                    error: Some(e.to_wire()),
-                    ..Default::default()
-                }),
-            ),
         }
     }
 }

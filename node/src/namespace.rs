@@ -148,6 +148,7 @@ pub mod keys {
     pub const LAYOUT: u8 = b'L';
     pub const CHUNK: u8 = b'C';
     pub const GROUP: u8 = b'G';
+    pub const REQUEST: u8 = b'R';
 
     pub fn group_prefix(group: u32) -> Vec<u8> {
         group.to_be_bytes().to_vec()
@@ -185,6 +186,16 @@ pub mod keys {
     }
     pub fn group_record(group: u32) -> Vec<u8> {
         tagged(group, GROUP, 0)
+    }
+    pub fn request_prefix(group: u32, client: u64) -> Vec<u8> {
+        let mut k = tagged(group, REQUEST, 16);
+        k.extend_from_slice(&client.to_be_bytes());
+        k
+    }
+    pub fn request(group: u32, client: u64, seq: u64) -> Vec<u8> {
+        let mut k = request_prefix(group, client);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
     }
 }
 
@@ -358,6 +369,55 @@ impl Namespace {
     }
 
     // ---- commands ---------------------------------------------------------
+
+    /// Applies one replicated command exactly once per (client, sequence):
+    /// a retry of a command that already applied gets the recorded result
+    /// and changes nothing. Returns the writes and the reply. Storage
+    /// failures are returned as errors; every other failure is a reply.
+    pub fn apply_request<R: KvRead + ?Sized>(
+        &self,
+        kv: &R,
+        cmd: &Command,
+    ) -> Result<(BTreeMap<Vec<u8>, Option<Vec<u8>>>, CommandResult), KvError> {
+        let dedup = cmd.client_id != 0 && cmd.request_seq != 0;
+        if dedup {
+            let key = keys::request(self.group, cmd.client_id, cmd.request_seq);
+            if let Some(b) = kv.get(&key)? {
+                return Ok((BTreeMap::new(), decode(&key, &b)?));
+            }
+        }
+        let mut txn = Txn::new(kv);
+        let result = match self.apply(&mut txn, cmd) {
+            Ok(r) => r,
+            Err(NsError::Kv(e)) => return Err(e),
+            Err(e) => {
+                txn = Txn::new(kv);
+                CommandResult {
+                    error: Some(e.to_wire()),
+                    ..Default::default()
+                }
+            }
+        };
+        if dedup {
+            let prefix = keys::request_prefix(self.group, cmd.client_id);
+            // Forget results the client has seen (bounded work per command).
+            for (k, _) in txn.scan(&prefix, &[], 64)? {
+                let seq = k[prefix.len()..]
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                if seq >= cmd.acked_below {
+                    break;
+                }
+                txn.delete(k);
+            }
+            txn.put(
+                keys::request(self.group, cmd.client_id, cmd.request_seq),
+                &result,
+            );
+        }
+        Ok((txn.into_writes(), result))
+    }
 
     /// Applies one command. On error nothing in `txn` may be used.
     pub fn apply<R: KvRead + ?Sized>(

@@ -290,6 +290,9 @@ impl AdminSvc {
                 let cmd = Command {
                     version: FORMAT_VERSION,
                     now: Some(Timespec::now()),
+                    client_id: 0,
+                    request_seq: 0,
+                    acked_below: 0,
                     op: Some(Op::Init(InitOp {
                         cluster_id: cluster_id.to_string(),
                         group_id: g,

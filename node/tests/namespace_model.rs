@@ -298,6 +298,7 @@ impl Real {
                 nsec: 0,
             }),
             op: Some(op),
+            ..Default::default()
         };
         let mut txn = Txn::new(&self.kv);
         match self.ns.apply(&mut txn, &cmd) {
@@ -523,4 +524,44 @@ fn layouts_reject_unknown_chunks_and_truncate_drops_references() {
         .attr
         .expect("attr");
     assert_eq!(a.size, 0);
+}
+
+#[test]
+fn a_retried_command_applies_once_and_gets_the_first_result() {
+    let real = Real::new();
+    let mut kv = real.kv.clone();
+    let ns = Namespace::new(0);
+    let cmd = |seq: u64, acked_below: u64, name: &str| Command {
+        version: 1,
+        now: Some(Timespec { sec: 10, nsec: 0 }),
+        client_id: 42,
+        request_seq: seq,
+        acked_below,
+        op: Some(Op::Create(CreateOp {
+            parent: ROOT_INO,
+            name: name.as_bytes().to_vec().into(),
+            kind: FileKind::Regular as i32,
+            perm: 0o644,
+            ..Default::default()
+        })),
+    };
+    let (w, first) = ns.apply_request(&kv, &cmd(1, 1, "x")).expect("apply");
+    kv.apply_writes(w);
+    assert!(first.error.is_none(), "{:?}", first.error);
+    let before = kv.0.clone();
+    // The same request again (a retry after a lost reply): same answer, no change.
+    let (w, again) = ns.apply_request(&kv, &cmd(1, 1, "x")).expect("apply");
+    assert!(w.is_empty());
+    assert_eq!(again, first);
+    assert_eq!(kv.0, before);
+    // A new request with the same name is a real conflict.
+    let (w, second) = ns.apply_request(&kv, &cmd(2, 1, "x")).expect("apply");
+    kv.apply_writes(w);
+    assert_eq!(second.error.map(|e| e.code()), Some(ErrorCode::Exists));
+    // Once the client reports both done, their results are forgotten.
+    let (w, _) = ns.apply_request(&kv, &cmd(3, 3, "y")).expect("apply");
+    kv.apply_writes(w);
+    let prefix = musicfs_node::namespace::keys::request_prefix(0, 42);
+    let left: Vec<_> = kv.0.keys().filter(|k| k.starts_with(&prefix)).collect();
+    assert_eq!(left.len(), 1, "only the latest result is kept");
 }
