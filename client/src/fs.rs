@@ -628,9 +628,27 @@ impl Fs {
     async fn spill(&self, st: &mut FileState, all: bool) -> Result<()> {
         st.version += 1;
         let runs = st.dirty.take();
+        let res = self.spill_runs(st, &runs, all).await;
+        if res.is_err() {
+            // Nothing was placed in the layout: keep every byte buffered, so
+            // a later flush retries instead of committing without it.
+            for (off, run) in &runs {
+                st.dirty.write(*off, run);
+            }
+        }
+        res
+    }
+
+    async fn spill_runs(
+        &self,
+        st: &mut FileState,
+        runs: &[(u64, Vec<u8>)],
+        all: bool,
+    ) -> Result<()> {
         let mut chunks = Vec::new();
         for (off, run) in runs {
-            let mut cut = layout::cut(off, &run);
+            let (off, run) = (*off, run);
+            let mut cut = layout::cut(off, run);
             let run_end = off + run.len() as u64;
             if !all && run_end == st.size && cut.len() > 1 {
                 if let Some(last) = cut.pop() {

@@ -184,3 +184,60 @@ async fn bad_names_get_clear_errors() {
         .expect("readdir");
     assert!(entries.is_empty(), "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_writes_survive_a_failed_upload_and_commit_later() {
+    let mut c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let mut cfg = ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
+    cfg.deadline = Duration::from_secs(3);
+    let fs = Fs::new(Cluster::connect(cfg).await.expect("connect"), 16 << 20);
+    let attr = fs
+        .create(
+            proto::ROOT_INO,
+            b"big",
+            FileKind::Regular,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+        )
+        .await
+        .expect("create");
+    let fh = fs.open(attr.ino).await.expect("open");
+    let mut gen = common::Gen(7);
+    let first = gen.bytes(8 << 20);
+    fs.write(fh, 0, &first).await.expect("buffered write");
+
+    // Two of three nodes down: the next write that must upload fails...
+    c.kill(1);
+    c.kill(2);
+    let second = gen.bytes(32 << 20);
+    let err = fs
+        .write(fh, first.len() as u64, &second)
+        .await
+        .expect_err("upload must fail");
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(
+        fs.flush(fh).await.is_err(),
+        "nothing can commit without a quorum"
+    );
+
+    // ...and once they are back, a flush commits every byte written.
+    c.spawn(1);
+    c.spawn(2);
+    c.wait_up(1).await;
+    c.wait_up(2).await;
+    wait_for("a flush to succeed", Duration::from_secs(60), || {
+        let fs = fs.clone();
+        async move { fs.flush(fh).await.ok() }
+    })
+    .await;
+    fs.release(fh).await.expect("release");
+    let mut want = first;
+    want.extend_from_slice(&second);
+    let got = fs.read_file("/big").await.expect("read back");
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "content differs after the failed upload");
+}
