@@ -183,7 +183,21 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
         let r = if p.node_id == first.node_id {
             Ok(first.clone())
         } else {
-            node_status(&p.addr).await.map_err(|e| e.to_string())
+            match node_status(&p.addr).await {
+                // A node answering with another cluster's data is not a member.
+                Ok(st) if st.cluster_id != first.cluster_id => Err(format!(
+                    "answers as node {} of cluster {}, not of cluster {}",
+                    st.node_id,
+                    if st.cluster_id.is_empty() {
+                        "(none)"
+                    } else {
+                        &st.cluster_id
+                    },
+                    first.cluster_id
+                )),
+                Ok(st) => Ok(st),
+                Err(e) => Err(e.to_string()),
+            }
         };
         statuses.insert(p.node_id, r);
     }
