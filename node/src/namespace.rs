@@ -218,6 +218,9 @@ impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
     fn put<M: Message>(&mut self, key: Vec<u8>, value: &M) {
         self.writes.insert(key, Some(value.encode_to_vec()));
     }
+    fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
     fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
     }
@@ -399,18 +402,24 @@ impl Namespace {
             }
         };
         if dedup {
-            let prefix = keys::request_prefix(self.group, cmd.client_id);
-            // Forget results the client has seen (bounded work per command).
-            for (k, _) in txn.scan(&prefix, &[], 64)? {
-                let seq = k[prefix.len()..]
-                    .try_into()
+            // Forget results the client has seen: blind deletes from a
+            // per-client low-water mark, at most 64 per command, so no
+            // command ever iterates over old results.
+            let mark_key = keys::request_prefix(self.group, cmd.client_id);
+            let low = match txn.get(&mark_key)? {
+                Some(b) => b
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
-                    .unwrap_or(u64::MAX);
-                if seq >= cmd.acked_below {
-                    break;
-                }
-                txn.delete(k);
+                    .unwrap_or(cmd.acked_below),
+                // No earlier result of this client exists in this group.
+                None => cmd.acked_below,
+            };
+            let target = cmd.acked_below.clamp(low, low.saturating_add(64));
+            for seq in low..target {
+                txn.delete(keys::request(self.group, cmd.client_id, seq));
             }
+            txn.put_raw(mark_key, target.to_be_bytes().to_vec());
             txn.put(
                 keys::request(self.group, cmd.client_id, cmd.request_seq),
                 &result,

@@ -562,6 +562,9 @@ fn a_retried_command_applies_once_and_gets_the_first_result() {
     let (w, _) = ns.apply_request(&kv, &cmd(3, 3, "y")).expect("apply");
     kv.apply_writes(w);
     let prefix = musicfs_node::namespace::keys::request_prefix(0, 42);
-    let left: Vec<_> = kv.0.keys().filter(|k| k.starts_with(&prefix)).collect();
+    let left: Vec<_> =
+        kv.0.keys()
+            .filter(|k| k.starts_with(&prefix) && k.len() == prefix.len() + 8)
+            .collect();
     assert_eq!(left.len(), 1, "only the latest result is kept");
 }
