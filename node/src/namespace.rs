@@ -97,6 +97,9 @@ impl NsError {
 /// Key-value pairs returned by a scan.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// A command's writes: key → new value, or `None` to delete.
+pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// Read access to one group's keys.
 pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
@@ -131,7 +134,7 @@ impl KvRead for MemKv {
 }
 
 impl MemKv {
-    pub fn apply_writes(&mut self, writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
+    pub fn apply_writes(&mut self, writes: Writes) {
         for (k, v) in writes {
             match v {
                 Some(v) => self.0.insert(k, v),
@@ -202,7 +205,7 @@ pub mod keys {
 /// A command's view of the store: reads see the command's own writes.
 pub struct Txn<'a, R: KvRead + ?Sized> {
     base: &'a R,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: Writes,
 }
 
 impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
@@ -212,7 +215,7 @@ impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
             writes: BTreeMap::new(),
         }
     }
-    pub fn into_writes(self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+    pub fn into_writes(self) -> Writes {
         self.writes
     }
     fn put<M: Message>(&mut self, key: Vec<u8>, value: &M) {
@@ -381,7 +384,7 @@ impl Namespace {
         &self,
         kv: &R,
         cmd: &Command,
-    ) -> Result<(BTreeMap<Vec<u8>, Option<Vec<u8>>>, CommandResult), KvError> {
+    ) -> Result<(Writes, CommandResult), KvError> {
         let dedup = cmd.client_id != 0 && cmd.request_seq != 0;
         if dedup {
             let key = keys::request(self.group, cmd.client_id, cmd.request_seq);
