@@ -1,0 +1,148 @@
+//! File semantics through the client core against a real cluster: sparse
+//! files, overwrites and truncation, and close-to-open visibility between
+//! two clients (docs/SEMANTICS.md).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Gen, TestCluster};
+use musicfs_client::{parse_seeds, Cluster, ClusterConfig, Fs};
+use proto::meta::{FileKind, SetAttrFields};
+
+async fn client(c: &TestCluster) -> Arc<Fs> {
+    let mut cfg = ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
+    cfg.deadline = Duration::from_secs(20);
+    Fs::new(Cluster::connect(cfg).await.expect("connect"), 16 << 20)
+}
+
+async fn read_all(fs: &Fs, fh: u64, size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let b = fs.read(fh, out.len() as u64, 1 << 20).await.expect("read");
+        assert!(!b.is_empty(), "short read at {}", out.len());
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_files_overwrites_and_truncation() {
+    let c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let fs = client(&c).await;
+    let a = fs
+        .create(
+            proto::ROOT_INO,
+            b"sparse",
+            FileKind::Regular,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+        )
+        .await
+        .expect("create");
+    let fh = fs.open(a.ino).await.expect("open");
+    // 4 KiB at 0 and 4 KiB at 3 GiB: a 3 GiB file that stores 8 KiB.
+    let far = 3u64 << 30;
+    fs.write(fh, 0, &[1u8; 4096]).await.expect("write head");
+    fs.write(fh, far, &[2u8; 4096]).await.expect("write tail");
+    fs.flush(fh).await.expect("flush");
+    let st = fs.getattr(a.ino).await.expect("stat");
+    assert_eq!(st.size, far + 4096);
+    let hole = fs.read(fh, 1 << 30, 4096).await.expect("read hole");
+    assert!(hole.iter().all(|b| *b == 0), "holes read as zeros");
+    assert_eq!(
+        &fs.read(fh, far, 4096).await.expect("read tail")[..],
+        &[2u8; 4096][..]
+    );
+    let stats = fs.statfs().await.expect("statfs");
+    assert!(
+        stats.used_bytes < 1 << 20,
+        "a sparse file stores only its data ({} bytes)",
+        stats.used_bytes
+    );
+
+    // Overwrite the middle of a committed region, then shrink and grow.
+    let mut gen = Gen(99);
+    let mut want = gen.bytes(3 << 20);
+    fs.write(fh, 0, &want).await.expect("write 3 MiB");
+    fs.flush(fh).await.expect("flush");
+    let patch = gen.bytes(100_000);
+    fs.write(fh, 1_000_000, &patch).await.expect("patch");
+    want[1_000_000..1_100_000].copy_from_slice(&patch);
+    fs.setattr(
+        a.ino,
+        SetAttrFields {
+            size: Some(2_000_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("truncate down");
+    want.truncate(2_000_000);
+    fs.setattr(
+        a.ino,
+        SetAttrFields {
+            size: Some(2_500_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("extend");
+    want.resize(2_500_000, 0);
+    assert_eq!(
+        read_all(&fs, fh, 2_500_000).await,
+        want,
+        "content after patch, shrink and grow"
+    );
+    fs.release(fh).await.expect("release");
+    assert_eq!(
+        fs.read_file("/sparse").await.expect("reopen"),
+        want,
+        "committed content"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_to_open_between_two_clients() {
+    let c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let (w, r) = (client(&c).await, client(&c).await);
+    w.write_file("/song.flac", b"version one", 0o644)
+        .await
+        .expect("write v1");
+    let ino = r.resolve("/song.flac").await.expect("resolve").ino;
+
+    // A reader that opened before the writer's close keeps its version...
+    let old = r.open(ino).await.expect("open old");
+    let wh = w.open(ino).await.expect("open for write");
+    w.write(wh, 0, b"VERSION TWO, longer")
+        .await
+        .expect("write v2");
+    assert_eq!(
+        &r.read(old, 0, 100).await.expect("read")[..],
+        b"version one",
+        "no uncommitted data is visible"
+    );
+    w.release(wh).await.expect("close commits");
+    assert_eq!(
+        &r.read(old, 0, 100).await.expect("read")[..],
+        b"version one",
+        "an open handle keeps its version"
+    );
+    r.release(old).await.expect("release");
+    // ...and an open after the close sees the new version in full.
+    assert_eq!(
+        r.read_file("/song.flac").await.expect("reopen"),
+        b"VERSION TWO, longer"
+    );
+
+    // A file deleted by one client is gone for the other.
+    w.remove_path("/song.flac").await.expect("unlink");
+    let e = r.resolve("/song.flac").await.expect_err("deleted");
+    assert_eq!(e.errno(), libc::ENOENT);
+}
