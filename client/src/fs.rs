@@ -70,6 +70,26 @@ struct FileState {
     version: u64,
 }
 
+impl FileState {
+    /// The state of a file whose committed layout is `extents`.
+    fn new(attr: Attr, extents: Vec<Extent>, locations: HashMap<ChunkId, Vec<u64>>) -> Self {
+        FileState {
+            ino: attr.ino,
+            attr,
+            extents,
+            size: attr.size,
+            locations,
+            new_chunks: Vec::new(),
+            dirty: DirtyRuns::default(),
+            modified: false,
+            mtime: None,
+            opens: 0,
+            last_read_end: 0,
+            version: 0,
+        }
+    }
+}
+
 pub struct Fs {
     cluster: Arc<Cluster>,
     files: Mutex<HashMap<u64, Arc<AsyncMutex<FileState>>>>,
@@ -380,20 +400,7 @@ impl Fs {
             }
             None => {
                 let st = match created {
-                    Some(attr) => FileState {
-                        ino,
-                        attr,
-                        extents: Vec::new(),
-                        size: 0,
-                        locations: HashMap::new(),
-                        new_chunks: Vec::new(),
-                        dirty: DirtyRuns::default(),
-                        modified: false,
-                        mtime: None,
-                        opens: 0,
-                        last_read_end: 0,
-                        version: 0,
-                    },
+                    Some(attr) => FileState::new(attr, Vec::new(), HashMap::new()),
                     None => self.load(ino).await?,
                 };
                 let arc = {
@@ -431,20 +438,7 @@ impl Fs {
             .into_iter()
             .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
             .collect();
-        Ok(FileState {
-            ino,
-            attr,
-            extents: r.extents,
-            size: attr.size,
-            locations,
-            new_chunks: Vec::new(),
-            dirty: DirtyRuns::default(),
-            modified: false,
-            mtime: None,
-            opens: 0,
-            last_read_end: 0,
-            version: 0,
-        })
+        Ok(FileState::new(attr, r.extents, locations))
     }
 
     /// Chunk-index entries, asked of each chunk's shard in batches.

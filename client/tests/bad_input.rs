@@ -8,13 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{bin_dir, free_port, wait_for, TestCluster};
-use musicfs_client::{admin, parse_seeds, Cluster, ClusterConfig, Fs};
+use musicfs_client::{admin, parse_seeds};
 use proto::meta::FileKind;
 
-async fn fs_of(c: &TestCluster) -> std::sync::Arc<Fs> {
-    let mut cfg = ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
-    cfg.deadline = Duration::from_secs(20);
-    Fs::new(Cluster::connect(cfg).await.expect("connect"), 16 << 20)
+async fn fs_of(c: &TestCluster) -> std::sync::Arc<musicfs_client::Fs> {
+    c.client(Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +187,7 @@ async fn bad_names_get_clear_errors() {
 async fn buffered_writes_survive_a_failed_upload_and_commit_later() {
     let mut c = TestCluster::start(3, &[]).await;
     c.init().await;
-    let mut cfg = ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
-    cfg.deadline = Duration::from_secs(3);
-    let fs = Fs::new(Cluster::connect(cfg).await.expect("connect"), 16 << 20);
+    let fs = c.client(Duration::from_secs(3)).await;
     let attr = fs
         .create(
             proto::ROOT_INO,

@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Gen, TestCluster};
-use musicfs_client::{parse_seeds, Cluster, ClusterConfig, Fs};
+use musicfs_client::Fs;
 use proto::meta::{FileKind, SetAttrFields};
 
 async fn client(c: &TestCluster) -> Arc<Fs> {
-    let mut cfg = ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
-    cfg.deadline = Duration::from_secs(20);
-    Fs::new(Cluster::connect(cfg).await.expect("connect"), 16 << 20)
+    c.client(Duration::from_secs(20)).await
 }
 
 async fn read_all(fs: &Fs, fh: u64, size: u64) -> Vec<u8> {

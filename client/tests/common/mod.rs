@@ -170,6 +170,17 @@ impl TestCluster {
         .await
     }
 
+    /// A client core connected to this cluster, failing after `deadline`.
+    pub async fn client(&self, deadline: Duration) -> std::sync::Arc<musicfs_client::Fs> {
+        let seeds = musicfs_client::parse_seeds(&self.seeds()).expect("seeds");
+        let mut cfg = musicfs_client::ClusterConfig::new(seeds);
+        cfg.deadline = deadline;
+        let cluster = musicfs_client::Cluster::connect(cfg)
+            .await
+            .expect("connect");
+        musicfs_client::Fs::new(cluster, 16 << 20)
+    }
+
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(
             self.dir
