@@ -69,6 +69,8 @@ fn verify_small_files(root: &Path, files: &BTreeMap<String, Vec<u8>>) {
 async fn three_nodes_survive_a_leader_kill_and_catch_up() {
     // Small snapshot interval and log tail so a node down for a few hundred
     // operations must catch up by snapshot, not by log.
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let mut cluster =
         TestCluster::start(3, &["--snapshot-every", "200", "--keep-logs", "20"]).await;
     cluster.init().await;
@@ -100,11 +102,13 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
         "big file content"
     );
 
+    phase("written and verified");
     // Kill the metadata leader with SIGKILL.
     let leader = cluster.leader().await;
     let killed_id = cluster.nodes[leader].id;
     cluster.kill(leader);
 
+    phase("leader killed");
     // Reads and new writes go on through the mount.
     verify_small_files(&root, &small);
     assert_eq!(
@@ -120,6 +124,7 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
         .map(|(k, v)| (k.replacen("b-dir0/", "b-renamed/", 1), v))
         .collect();
 
+    phase("reads and writes after the kill done");
     // The new leader's applied index, which the restarted node must reach.
     let new_leader = cluster.leader().await;
     assert_ne!(
@@ -141,6 +146,7 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
         "the leader compacted its log while the node was down"
     );
 
+    phase("about to restart the killed node");
     // Restart the killed node: it catches up.
     cluster.spawn(leader);
     cluster.wait_up(leader).await;
@@ -166,6 +172,7 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
         "the restarted node's log shows a snapshot install"
     );
 
+    phase("restarted node caught up");
     // The restarted node serves: stop another node so it is needed for the
     // metadata quorum, then read everything again.
     let other = (0..3)
@@ -188,5 +195,6 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
         fs::read(root.join("after.txt")).expect("read after"),
         b"written with the restarted node in the quorum"
     );
+    phase("done");
     drop(mount);
 }
