@@ -65,6 +65,11 @@ pub async fn node_status(addr: &str) -> Result<StatusResponse> {
     Ok(st)
 }
 
+/// Metadata groups of a new cluster unless told otherwise: enough that
+/// leaders spread over three to eight nodes and no state machine holds a
+/// large share of a 10M-file namespace.
+pub const DEFAULT_GROUPS: u32 = 16;
+
 /// Initialises a new cluster over `peers` with `groups` metadata groups.
 /// Every peer must be reachable, carry the node id it is given here and not
 /// belong to a cluster yet; otherwise nothing is changed.
@@ -141,6 +146,9 @@ pub struct NodeView {
     pub disk_free_bytes: u64,
     pub disk_total_bytes: u64,
     pub leader_of: usize,
+    /// Log entries this node has yet to apply, summed over the groups (each
+    /// against its leader's applied index).
+    pub lag: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -152,6 +160,13 @@ pub struct GroupView {
     pub last_applied: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// Approximate bytes on disk of the group's log and state (leader's).
+    pub size_bytes: u64,
+    pub inodes: u64,
+    /// Unresolved cross-shard intents and decisions (leader's view).
+    pub open_intents: u64,
+    /// Chunk reference batches queued for other groups (leader's view).
+    pub queued_ref_batches: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -212,6 +227,10 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                 last_applied: 0,
                 last_log_index: 0,
                 snapshot_index: 0,
+                size_bytes: 0,
+                inodes: 0,
+                open_intents: 0,
+                queued_ref_batches: 0,
             });
             // The leader's own report is authoritative for its group.
             if g.leader_id == st.node_id || (view.leader.is_none() && g.term >= view.term) {
@@ -221,6 +240,10 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                 view.last_applied = g.last_applied;
                 view.last_log_index = g.last_log_index;
                 view.snapshot_index = g.snapshot_index;
+                view.size_bytes = g.size_bytes;
+                view.inodes = g.inodes;
+                view.open_intents = g.open_intents;
+                view.queued_ref_batches = g.queued_ref_batches;
             }
         }
     }
@@ -243,6 +266,16 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                 disk_free_bytes: st.disk_free_bytes,
                 disk_total_bytes: st.disk_total_bytes,
                 leader_of,
+                lag: st
+                    .groups
+                    .iter()
+                    .map(|mine| {
+                        groups
+                            .get(&mine.group_id)
+                            .map(|g| g.last_applied.saturating_sub(mine.last_applied))
+                            .unwrap_or(0)
+                    })
+                    .sum(),
             }),
             Err(e) => {
                 problems.push(format!(
@@ -259,6 +292,7 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                     disk_free_bytes: 0,
                     disk_total_bytes: 0,
                     leader_of,
+                    lag: 0,
                 });
             }
         }
@@ -288,30 +322,41 @@ pub fn print_status(v: &ClusterView) {
     }
     println!();
     println!(
-        "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>8}",
-        "NODE", "ADDRESS", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS"
+        "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}",
+        "NODE", "ADDRESS", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS", "LAG"
     );
     for n in &v.nodes {
         println!(
-            "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>8}",
+            "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}",
             n.id,
             n.address,
             if n.up { "yes" } else { "NO" },
             n.chunks,
             human(n.chunk_bytes),
             human(n.disk_free_bytes),
-            n.leader_of
+            n.leader_of,
+            n.lag
         );
     }
     println!();
     println!(
-        "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10}",
-        "GROUP", "LEADER", "TERM", "MEMBERS", "APPLIED", "LAST LOG", "SNAPSHOT"
+        "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
+        "GROUP",
+        "LEADER",
+        "TERM",
+        "MEMBERS",
+        "APPLIED",
+        "LAST LOG",
+        "SNAPSHOT",
+        "INODES",
+        "SIZE",
+        "INTENTS",
+        "QUEUED"
     );
     for g in &v.groups {
         let members: Vec<String> = g.members.iter().map(u64::to_string).collect();
         println!(
-            "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10}",
+            "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
             g.id,
             g.leader
                 .map(|l| l.to_string())
@@ -320,7 +365,11 @@ pub fn print_status(v: &ClusterView) {
             members.join(","),
             g.last_applied,
             g.last_log_index,
-            g.snapshot_index
+            g.snapshot_index,
+            g.inodes,
+            human(g.size_bytes),
+            g.open_intents,
+            g.queued_ref_batches
         );
     }
 }

@@ -270,6 +270,11 @@ impl Cluster {
                         last = format!("node {node} ({addr}): {e}");
                         self.set_leader(group, None);
                     }
+                    Some(e) if e.code() == ErrorCode::Busy => {
+                        // A cross-shard operation holds the key: it resolves
+                        // within milliseconds (or recovery takes it over).
+                        last = format!("node {node} ({addr}): {e}");
+                    }
                     Some(e) => return Err(ClientError::Server(e.clone())),
                 },
                 Err(s) => {

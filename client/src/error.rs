@@ -52,6 +52,7 @@ impl ClientError {
                 ErrorCode::Permission => libc::EPERM,
                 ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::FileTooBig => libc::EFBIG,
+                ErrorCode::Busy => libc::EAGAIN,
                 ErrorCode::NotLeader
                 | ErrorCode::Unavailable
                 | ErrorCode::CrossShard

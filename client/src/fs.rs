@@ -13,10 +13,10 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use proto::meta::{
-    command::Op, query::Q, Attr, ChunkInfo, ChunkInfoQuery, CommitLayoutOp, CreateOp, DirEntry,
-    ErrorCode, Extent, FileKind, GetAttrQuery, GetLayoutQuery, LinkOp, LookupQuery, NewChunk,
-    ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp, SetAttrFields, SetAttrOp, StatFsQuery,
-    Timespec,
+    command::Op, query::Q, Attr, ChunkInfo, ChunkInfoQuery, CommitLayoutOp, CreateBatchOp,
+    CreateOp, DirEntry, ErrorCode, Extent, FileKind, GetAttrQuery, GetLayoutQuery, LinkOp,
+    LookupQuery, NewChunk, ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp, SetAttrFields,
+    SetAttrOp, StatFsQuery, Timespec,
 };
 use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
@@ -34,6 +34,19 @@ pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 const READAHEAD_CHUNKS: usize = 4;
 /// Concurrent chunk uploads per flush.
 const UPLOAD_PARALLELISM: usize = 8;
+
+/// Most creates one bulk command carries (the node's limit).
+pub const BATCH_CREATES: usize = 1024;
+
+/// One entry of a bulk create.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub name: Vec<u8>,
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenameFlags {
@@ -159,7 +172,13 @@ impl Fs {
                 }),
             )
             .await?;
-        Ok(self.local_view(Self::attr_of(r.attr)?).await)
+        let attr = match (r.attr, r.entry) {
+            (Some(a), _) => a,
+            // The entry names an inode of another group: ask that group.
+            (None, Some(e)) => return self.getattr(e.ino).await,
+            (None, None) => Self::attr_of(None)?,
+        };
+        Ok(self.local_view(attr).await)
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -243,6 +262,55 @@ impl Fs {
             )
             .await?;
         Self::attr_of(r.attr)
+    }
+
+    /// Creates many entries in one directory, up to 1024 per Raft entry
+    /// (the bulk path of an import). A directory that belongs in another
+    /// group is created on its own. Returns one outcome per entry, in order.
+    pub async fn create_many(&self, parent: u64, items: &[NewEntry]) -> Result<Vec<Result<Attr>>> {
+        let mut out = Vec::with_capacity(items.len());
+        for batch in items.chunks(BATCH_CREATES) {
+            let creates = batch
+                .iter()
+                .map(|e| {
+                    Self::check_name(&e.name)?;
+                    Ok(CreateOp {
+                        parent,
+                        name: Bytes::copy_from_slice(&e.name),
+                        kind: e.kind as i32,
+                        perm: e.perm,
+                        uid: e.uid,
+                        gid: e.gid,
+                        rdev: 0,
+                        symlink_target: Bytes::new(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let r = self
+                .cluster
+                .propose(
+                    group_of_ino(parent),
+                    Op::CreateBatch(CreateBatchOp { creates }),
+                )
+                .await?;
+            if r.results.len() != batch.len() {
+                return Err(ClientError::server(
+                    ErrorCode::Internal,
+                    "batch reply does not match the request",
+                ));
+            }
+            for (e, r) in batch.iter().zip(r.results) {
+                out.push(match r.error {
+                    Some(err) if err.code() == ErrorCode::CrossShard => {
+                        self.create(parent, &e.name, e.kind, e.perm, e.uid, e.gid, 0, b"")
+                            .await
+                    }
+                    Some(err) => Err(ClientError::Server(err)),
+                    None => Self::attr_of(r.attr),
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {
@@ -343,13 +411,18 @@ impl Fs {
     }
 
     pub async fn statfs(&self) -> Result<FsStats> {
-        let r = self.cluster.query(0, Q::StatFs(StatFsQuery {})).await?;
-        let s = r.stat_fs.unwrap_or_default();
-        let mut stats = FsStats {
-            inodes: s.inodes,
-            used_bytes: s.chunk_bytes,
-            ..Default::default()
-        };
+        // Every group counts its own inodes and the chunks it indexes.
+        let replies = futures::future::try_join_all(
+            (0..self.cluster.group_count())
+                .map(|g| self.cluster.query(g, Q::StatFs(StatFsQuery {}))),
+        )
+        .await?;
+        let mut stats = FsStats::default();
+        for r in replies {
+            let s = r.stat_fs.unwrap_or_default();
+            stats.inodes += s.inodes;
+            stats.used_bytes += s.chunk_bytes;
+        }
         // Capacity: the smallest node bounds what three replicas can hold.
         let mut min_free = u64::MAX;
         let mut min_total = u64::MAX;
@@ -669,6 +742,15 @@ impl Fs {
         for c in &chunks {
             if let Some(info) = known.get(&c.id) {
                 st.locations.insert(c.id, info.locations.clone());
+                // The layout commit names every chunk it adds, with its
+                // size, even ones the cluster already has.
+                if !st.new_chunks.iter().any(|n| n.chunk_id[..] == c.id.0) {
+                    st.new_chunks.push(NewChunk {
+                        chunk_id: Bytes::copy_from_slice(&c.id.0),
+                        size: info.size,
+                        locations: info.locations.clone(),
+                    });
+                }
             } else if !st.locations.contains_key(&c.id) && !to_upload.iter().any(|u| u.0 == c.id) {
                 to_upload.push((c.id, c.data.clone()));
             }
@@ -803,7 +885,12 @@ impl Fs {
     pub async fn write_file(&self, path: &str, data: &[u8], perm: u32) -> Result<Attr> {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         let parent = self.resolve(dir).await?;
-        let attr = match self.lookup(parent.ino, name.as_bytes()).await {
+        self.write_at(parent.ino, name.as_bytes(), data, perm).await
+    }
+
+    /// Creates or replaces the regular file `name` in `parent` with `data`.
+    pub async fn write_at(&self, parent: u64, name: &[u8], data: &[u8], perm: u32) -> Result<Attr> {
+        let attr = match self.lookup(parent, name).await {
             Ok(a) => {
                 self.setattr(
                     a.ino,
@@ -815,17 +902,8 @@ impl Fs {
                 .await?
             }
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-                self.create(
-                    parent.ino,
-                    name.as_bytes(),
-                    FileKind::Regular,
-                    perm,
-                    0,
-                    0,
-                    0,
-                    b"",
-                )
-                .await?
+                self.create(parent, name, FileKind::Regular, perm, 0, 0, 0, b"")
+                    .await?
             }
             Err(e) => return Err(e),
         };

@@ -27,11 +27,31 @@ pub const ATTR_TTL: Duration = Duration::from_secs(1);
 const DIR_PAGE: u32 = 1024;
 const BLOCK: u64 = 4096;
 
+/// An open directory's listing, as a window that moves with the reader:
+/// entries the kernel has consumed are dropped, so listing a directory of
+/// millions of entries holds a page or two, not the whole directory.
 struct DirListing {
     ino: u64,
+    /// Stream position of `entries[0]`.
+    base: usize,
     entries: Vec<(Vec<u8>, u64, FileKind, Option<Attr>)>,
+    /// Name of the last entry fetched: the next page starts after it.
+    cursor: Vec<u8>,
     more: bool,
     plus: bool,
+}
+
+impl DirListing {
+    fn new(ino: u64, plus: bool) -> Self {
+        DirListing {
+            ino,
+            base: 0,
+            entries: Vec::new(),
+            cursor: Vec::new(),
+            more: true,
+            plus,
+        }
+    }
 }
 
 pub struct MusicFuse {
@@ -493,15 +513,10 @@ impl Filesystem for MusicFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            fh,
-            DirListing {
-                ino: ino.0,
-                entries: Vec::new(),
-                more: true,
-                plus: false,
-            },
-        );
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, DirListing::new(ino.0, false));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
@@ -524,10 +539,11 @@ impl Filesystem for MusicFuse {
                 reply.error(Errno::EBADF);
                 return;
             };
-            for (i, (name, ino, kind, _)) in l.entries.iter().enumerate().skip(offset as usize) {
+            let skip = (offset as usize).saturating_sub(l.base);
+            for (i, (name, ino, kind, _)) in l.entries.iter().enumerate().skip(skip) {
                 if reply.add(
                     INodeNo(*ino),
-                    i as u64 + 1,
+                    (l.base + i) as u64 + 1,
                     file_type(*kind as i32),
                     OsStr::from_bytes(name),
                 ) {
@@ -557,11 +573,12 @@ impl Filesystem for MusicFuse {
                 reply.error(Errno::EBADF);
                 return;
             };
-            for (i, (name, ino, _, attr)) in l.entries.iter().enumerate().skip(offset as usize) {
+            let skip = (offset as usize).saturating_sub(l.base);
+            for (i, (name, ino, _, attr)) in l.entries.iter().enumerate().skip(skip) {
                 let Some(a) = attr else { continue };
                 if reply.add(
                     INodeNo(*ino),
-                    i as u64 + 1,
+                    (l.base + i) as u64 + 1,
                     OsStr::from_bytes(name),
                     &ATTR_TTL,
                     &file_attr(a),
@@ -710,7 +727,8 @@ impl Filesystem for MusicFuse {
 }
 
 /// Makes sure the listing behind `fh` holds the entry at `offset`, fetching
-/// pages as needed. Entry `i` has FUSE offset `i + 1`; `.` and `..` come first.
+/// pages as needed and dropping what lies before it. Entry `i` of the
+/// stream has FUSE offset `i + 1`; `.` and `..` come first.
 async fn fill_listing(
     fs: &Fs,
     dirs: &Mutex<HashMap<u64, DirListing>>,
@@ -719,29 +737,30 @@ async fn fill_listing(
     offset: u64,
     plus: bool,
 ) -> Result<(), ClientError> {
-    let want = offset as usize + DIR_PAGE as usize;
+    let offset = offset as usize;
+    let want = offset + DIR_PAGE as usize;
     let mut first = true;
     loop {
         let (after, restart) = {
             let mut guard = dirs.lock().unwrap_or_else(|e| e.into_inner());
-            let l = guard.entry(fh).or_insert(DirListing {
-                ino,
-                entries: Vec::new(),
-                more: true,
-                plus,
-            });
-            let restart = first && (offset == 0 || l.plus != plus || l.ino != ino);
+            let l = guard
+                .entry(fh)
+                .or_insert_with(|| DirListing::new(ino, plus));
+            // A rewind (or a seek back before the window) starts over.
+            let restart =
+                first && (offset == 0 || l.plus != plus || l.ino != ino || offset < l.base);
             first = false;
             if restart {
-                // A rewinddir: start over so new entries show up.
-                l.entries.clear();
-                l.more = true;
-                l.plus = plus;
-                l.ino = ino;
-            } else if !l.more || l.entries.len() >= want {
-                return Ok(());
+                *l = DirListing::new(ino, plus);
+            } else {
+                let consumed = (offset - l.base).min(l.entries.len());
+                l.entries.drain(..consumed);
+                l.base += consumed;
+                if !l.more || l.base + l.entries.len() >= want {
+                    return Ok(());
+                }
             }
-            (l.entries.last().map(|e| e.0.clone()), restart)
+            (l.cursor.clone(), restart)
         };
         let mut page = Vec::new();
         if restart {
@@ -749,11 +768,8 @@ async fn fill_listing(
             page.push((b".".to_vec(), ino, FileKind::Directory, Some(dot)));
             page.push((b"..".to_vec(), ino, FileKind::Directory, Some(dot)));
         }
-        let after = match &after {
-            Some(a) if !restart && a != b"." && a != b".." => a.clone(),
-            _ => Vec::new(),
-        };
         let (entries, more) = fs.readdir(ino, &after, DIR_PAGE, plus).await?;
+        let cursor = entries.last().map(|e| e.name.to_vec());
         for e in entries {
             let kind = FileKind::try_from(e.kind).unwrap_or(FileKind::Regular);
             page.push((e.name.to_vec(), e.ino, kind, e.attr));
@@ -761,8 +777,11 @@ async fn fill_listing(
         let mut guard = dirs.lock().unwrap_or_else(|e| e.into_inner());
         let l = guard.get_mut(&fh).ok_or(ClientError::BadHandle(fh))?;
         l.entries.extend(page);
+        if let Some(c) = cursor {
+            l.cursor = c;
+        }
         l.more = more;
-        if !more || l.entries.len() >= want {
+        if !l.more || l.base + l.entries.len() >= want {
             return Ok(());
         }
     }

@@ -95,8 +95,9 @@ enum ClusterCmd {
         /// ID=HOST:PORT for every node, comma separated.
         #[arg(long)]
         peers: String,
-        /// Number of metadata Raft groups.
-        #[arg(long, default_value_t = 1)]
+        /// Number of metadata Raft groups (shards); every node hosts a
+        /// replica of each, and leaders spread evenly over the nodes.
+        #[arg(long, default_value_t = admin::DEFAULT_GROUPS)]
         groups: u32,
     },
 }
@@ -331,7 +332,7 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     }
     if statuses.iter().all(|s| s.cluster_id.is_empty()) {
         let peers = admin::parse_peers(&peers.join(","))?;
-        let id = admin::init_cluster(&peers, 1).await?;
+        let id = admin::init_cluster(&peers, admin::DEFAULT_GROUPS).await?;
         eprintln!("initialised cluster {id}");
     }
     let mnt = dir.join("mnt");

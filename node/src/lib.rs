@@ -2,8 +2,16 @@
 //! groups over RocksDB holding the namespace and chunk index) and the
 //! storage role (a content-addressed chunk store).
 
+// The cross-shard coordinator's futures nest deeply (RPC retries inside
+// transaction steps inside the service).
+#![recursion_limit = "256"]
+
 pub mod app;
+pub mod background;
+pub mod check;
 pub mod chunkstore;
+pub mod coordinator;
 pub mod namespace;
+pub mod router;
 pub mod server;
 pub mod service;

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use clap::Parser;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use musicfs_node::server::{run, NodeConfig};
 
 #[derive(Parser)]
@@ -35,6 +35,55 @@ struct Args {
     /// Disk space (MiB) the chunk store leaves free.
     #[arg(long)]
     reserve_mib: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check a stopped node's metadata: every invariant of the namespace
+    /// and the chunk index, over all groups (exit 1 when one is broken).
+    Check {
+        /// The node's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn check(data: &std::path::Path, json: bool) -> Result<()> {
+    let _lock = musicfs_node::server::lock_dir(data)?;
+    let meta = data.join("meta");
+    if !meta.exists() {
+        bail!("{} holds no MusicFS metadata", data.display());
+    }
+    let store = raft::Store::open(&meta)?;
+    let view = raft::KvView::new(&store);
+    let report = musicfs_node::check::check(&musicfs_node::app::ViewKv(&view))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} groups, {} inodes, {} entries, {} chunks ({} references), {} open intents, {} queued batches",
+            report.groups,
+            report.inodes,
+            report.entries,
+            report.chunks,
+            report.chunk_refs,
+            report.open_intents,
+            report.queued_ref_batches
+        );
+        for p in &report.problems {
+            println!("PROBLEM: {p}");
+        }
+        println!("{}", if report.ok() { "OK" } else { "BROKEN" });
+    }
+    if !report.ok() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn config(a: Args) -> Result<NodeConfig> {
@@ -93,7 +142,14 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
-    let cfg = config(Args::parse())?;
+    let mut args = Args::parse();
+    if let Some(Cmd::Check { data, json }) = args.command.take() {
+        return check(&data, json);
+    }
+    let cfg = config(args)?;
+    // Failure injection from $FAILPOINTS, in builds with the `failpoints`
+    // feature only (tests); otherwise this does nothing.
+    let _failpoints = fail::FailScenario::setup();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -10,12 +10,17 @@ use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
 use proto::meta::{
-    command::Op, query::Q, Attr, ChunkInfo, ChunkRecord, Command, CommandResult, CommitLayoutOp,
-    CreateOp, DirEntry, DirentRecord, Error as WireError, ErrorCode, Extent, FileKind, GroupRecord,
-    InitOp, InodeRecord, LayoutRecord, LinkOp, Query, QueryResult, RemoveOp, RenameOp, SetAttrOp,
-    StatFs, Timespec,
+    command::Op, query::Q, Attr, ChunkDelta, ChunkInfo, ChunkRecord, Command, CommandResult,
+    CommitLayoutOp, CreateOp, DirEntry, DirentRecord, Error as WireError, ErrorCode, Extent,
+    FileKind, GroupRecord, InitOp, InodeRecord, LayoutRecord, LinkOp, NewInodeSub, Query,
+    QueryResult, RemoveOp, RenameOp, SetAttrOp, StatFs, Timespec,
 };
-use proto::{group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO};
+use proto::{
+    dir_group, group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO,
+};
+
+pub mod txn;
+pub use txn::{DecisionInfo, IntentInfo, OutboxInfo};
 
 /// Most hard links one inode may have (as ext4).
 pub const MAX_LINKS: u32 = 65_000;
@@ -23,6 +28,8 @@ pub const MAX_LINKS: u32 = 65_000;
 pub const MAX_READDIR: usize = 4096;
 /// Largest file size accepted (as ext4 with 4 KiB blocks).
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
+/// Most creates one batch command carries.
+pub const MAX_BATCH: usize = 1024;
 
 const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
@@ -66,6 +73,8 @@ pub enum NsError {
     FileTooBig(u64),
     #[error("group is not initialised")]
     NotInitialized,
+    #[error("{0} is locked by an operation in progress")]
+    Busy(String),
     #[error(transparent)]
     Kv(#[from] KvError),
 }
@@ -87,6 +96,7 @@ impl NsError {
             NsError::Permission(_) => ErrorCode::Permission,
             NsError::FileTooBig(_) => ErrorCode::FileTooBig,
             NsError::NotInitialized => ErrorCode::NotInitialized,
+            NsError::Busy(_) => ErrorCode::Busy,
             NsError::Kv(KvError::Corrupt { .. }) => ErrorCode::Corrupt,
             NsError::Kv(KvError::Storage(_)) => ErrorCode::Internal,
         };
@@ -152,6 +162,21 @@ pub mod keys {
     pub const CHUNK: u8 = b'C';
     pub const GROUP: u8 = b'G';
     pub const REQUEST: u8 = b'R';
+    /// Cross-shard intents, the locks they hold, and coordinator decisions.
+    pub const INTENT: u8 = b'T';
+    pub const LOCK: u8 = b'X';
+    pub const DECISION: u8 = b'Y';
+    /// Transactions this group has resolved (kept for a while, so a
+    /// delayed prepare cannot revive one).
+    pub const TOMBSTONE: u8 = b'K';
+    pub const TOMBSTONE_AGE: u8 = b'k';
+    /// Chunk reference batches queued for other groups, the next sequence
+    /// per target, and the last sequence applied per source.
+    pub const OUTBOX: u8 = b'O';
+    pub const OUT_SEQ: u8 = b'Q';
+    pub const WATERMARK: u8 = b'W';
+    /// The key the directory-rename lock is taken on (group 0).
+    pub const RENAME_LOCK: &[u8] = b"Zrename";
 
     pub fn group_prefix(group: u32) -> Vec<u8> {
         group.to_be_bytes().to_vec()
@@ -198,6 +223,73 @@ pub mod keys {
     pub fn request(group: u32, client: u64, seq: u64) -> Vec<u8> {
         let mut k = request_prefix(group, client);
         k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+    pub fn intent(group: u32, txid: u64) -> Vec<u8> {
+        let mut k = tagged(group, INTENT, 8);
+        k.extend_from_slice(&txid.to_be_bytes());
+        k
+    }
+    pub fn intent_prefix(group: u32) -> Vec<u8> {
+        tagged(group, INTENT, 0)
+    }
+    pub fn decision(group: u32, txid: u64) -> Vec<u8> {
+        let mut k = tagged(group, DECISION, 8);
+        k.extend_from_slice(&txid.to_be_bytes());
+        k
+    }
+    pub fn decision_prefix(group: u32) -> Vec<u8> {
+        tagged(group, DECISION, 0)
+    }
+    pub fn tombstone(group: u32, txid: u64) -> Vec<u8> {
+        let mut k = tagged(group, TOMBSTONE, 8);
+        k.extend_from_slice(&txid.to_be_bytes());
+        k
+    }
+    /// Tombstones by age, oldest first, for dropping them.
+    pub fn tombstone_by_age(group: u32, sec: i64, txid: u64) -> Vec<u8> {
+        let mut k = tagged(group, TOMBSTONE_AGE, 16);
+        // Offset so that times sort as unsigned big-endian numbers.
+        k.extend_from_slice(&((sec as u64) ^ (1 << 63)).to_be_bytes());
+        k.extend_from_slice(&txid.to_be_bytes());
+        k
+    }
+    pub fn tombstone_age_prefix(group: u32) -> Vec<u8> {
+        tagged(group, TOMBSTONE_AGE, 0)
+    }
+    /// The lock on `key` (a key of the same group).
+    pub fn lock(group: u32, key: &[u8]) -> Vec<u8> {
+        let mut k = tagged(group, LOCK, key.len());
+        k.extend_from_slice(key.get(4..).unwrap_or_default());
+        k
+    }
+    /// A key of `group` from its group-relative form.
+    pub fn absolute(group: u32, rel: &[u8]) -> Vec<u8> {
+        let mut k = group.to_be_bytes().to_vec();
+        k.extend_from_slice(rel);
+        k
+    }
+    pub fn outbox_prefix(group: u32, target: u32) -> Vec<u8> {
+        let mut k = tagged(group, OUTBOX, 12);
+        k.extend_from_slice(&target.to_be_bytes());
+        k
+    }
+    pub fn outbox_all(group: u32) -> Vec<u8> {
+        tagged(group, OUTBOX, 0)
+    }
+    pub fn outbox(group: u32, target: u32, seq: u64) -> Vec<u8> {
+        let mut k = outbox_prefix(group, target);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+    pub fn out_seq(group: u32, target: u32) -> Vec<u8> {
+        let mut k = tagged(group, OUT_SEQ, 4);
+        k.extend_from_slice(&target.to_be_bytes());
+        k
+    }
+    pub fn watermark(group: u32, source: u32) -> Vec<u8> {
+        let mut k = tagged(group, WATERMARK, 4);
+        k.extend_from_slice(&source.to_be_bytes());
         k
     }
 }
@@ -285,11 +377,55 @@ fn name_str(name: &[u8]) -> String {
 /// One group's state machine logic.
 pub struct Namespace {
     pub group: u32,
+    /// The cross-shard transaction whose locks this instance may pass
+    /// (0: none).
+    txid: u64,
+    /// Applying a decided transaction: its changes were validated when it
+    /// prepared, and no lock may stop it now.
+    resolving: bool,
 }
 
 impl Namespace {
     pub fn new(group: u32) -> Self {
-        Namespace { group }
+        Namespace {
+            group,
+            txid: 0,
+            resolving: false,
+        }
+    }
+
+    fn for_txn(group: u32, txid: u64) -> Self {
+        Namespace {
+            group,
+            txid,
+            resolving: false,
+        }
+    }
+
+    fn resolver(group: u32, txid: u64) -> Self {
+        Namespace {
+            group,
+            txid,
+            resolving: true,
+        }
+    }
+
+    /// Fails with `Busy` when another transaction holds a lock on `key`.
+    fn check_lock<R: KvRead + ?Sized>(&self, kv: &R, key: &[u8]) -> Result<(), NsError> {
+        if self.resolving {
+            return Ok(());
+        }
+        if let Some(holder) = kv.get(&keys::lock(self.group, key))? {
+            let holder = holder
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if holder != self.txid || holder == 0 {
+                return Err(NsError::Busy(describe_key(key)));
+            }
+        }
+        Ok(())
     }
 
     fn own(&self, ino: u64) -> Result<(), NsError> {
@@ -297,18 +433,6 @@ impl Namespace {
         if owner != self.group {
             return Err(NsError::CrossShard {
                 ino,
-                owner,
-                group: self.group,
-            });
-        }
-        Ok(())
-    }
-
-    fn own_chunk(&self, id: &ChunkId, group_count: u32) -> Result<(), NsError> {
-        let owner = id.group(group_count);
-        if owner != self.group {
-            return Err(NsError::CrossShard {
-                ino: 0,
                 owner,
                 group: self.group,
             });
@@ -327,6 +451,7 @@ impl Namespace {
     fn load_inode<R: KvRead + ?Sized>(&self, kv: &R, ino: u64) -> Result<InodeRecord, NsError> {
         self.own(ino)?;
         let key = keys::inode(self.group, ino);
+        self.check_lock(kv, &key)?;
         match kv.get(&key)? {
             Some(b) => Ok(decode(&key, &b)?),
             None => Err(NsError::NotFound(format!("inode {ino}"))),
@@ -348,6 +473,7 @@ impl Namespace {
         name: &[u8],
     ) -> Result<Option<DirentRecord>, NsError> {
         let key = keys::dirent(self.group, parent, name);
+        self.check_lock(kv, &key)?;
         match kv.get(&key)? {
             Some(b) => Ok(Some(decode(&key, &b)?)),
             None => Ok(None),
@@ -393,42 +519,62 @@ impl Namespace {
             }
         }
         let mut txn = Txn::new(kv);
+        let mut transient = false;
         let result = match self.apply(&mut txn, cmd) {
             Ok(r) => r,
             Err(NsError::Kv(e)) => return Err(e),
             Err(e) => {
                 txn = Txn::new(kv);
+                // A lock or a cross-shard hand-off changed nothing: the
+                // retry of this request must run again, not replay this.
+                transient = matches!(e, NsError::Busy(_) | NsError::CrossShard { .. });
                 CommandResult {
                     error: Some(e.to_wire()),
                     ..Default::default()
                 }
             }
         };
-        if dedup {
-            // Forget results the client has seen: blind deletes from a
-            // per-client low-water mark, at most 64 per command, so no
-            // command ever iterates over old results.
-            let mark_key = keys::request_prefix(self.group, cmd.client_id);
-            let low = match txn.get(&mark_key)? {
-                Some(b) => b
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(cmd.acked_below),
-                // No earlier result of this client exists in this group.
-                None => cmd.acked_below,
-            };
-            let target = cmd.acked_below.clamp(low, low.saturating_add(64));
-            for seq in low..target {
-                txn.delete(keys::request(self.group, cmd.client_id, seq));
-            }
-            txn.put_raw(mark_key, target.to_be_bytes().to_vec());
-            txn.put(
-                keys::request(self.group, cmd.client_id, cmd.request_seq),
+        if dedup && !transient {
+            self.record_result(
+                &mut txn,
+                cmd.client_id,
+                cmd.request_seq,
+                cmd.acked_below,
                 &result,
-            );
+            )?;
         }
         Ok((txn.into_writes(), result))
+    }
+
+    /// Records `result` as the reply to the client's request `seq`, and
+    /// forgets results the client has seen: blind deletes from a per-client
+    /// low-water mark, at most 64 per command, so no command ever iterates
+    /// over old results.
+    fn record_result<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        client: u64,
+        seq: u64,
+        acked_below: u64,
+        result: &CommandResult,
+    ) -> Result<(), KvError> {
+        let mark_key = keys::request_prefix(self.group, client);
+        let low = match txn.get(&mark_key)? {
+            Some(b) => b
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(acked_below),
+            // No earlier result of this client exists in this group.
+            None => acked_below,
+        };
+        let target = acked_below.clamp(low, low.saturating_add(64));
+        for s in low..target {
+            txn.delete(keys::request(self.group, client, s));
+        }
+        txn.put_raw(mark_key, target.to_be_bytes().to_vec());
+        txn.put(keys::request(self.group, client, seq), result);
+        Ok(())
     }
 
     /// Applies one command. On error nothing in `txn` may be used.
@@ -456,7 +602,56 @@ impl Namespace {
             Op::Rename(op) => self.rename(txn, op, now),
             Op::SetAttr(op) => self.set_attr(txn, op, now),
             Op::CommitLayout(op) => self.commit_layout(txn, op, now),
+            Op::CreateBatch(op) => self.create_batch(txn, &op.creates, now),
+            Op::TxnPrepare(op) => self.txn_prepare(txn, op, now),
+            Op::TxnDecide(op) => self.txn_decide(txn, op, now),
+            Op::TxnResolve(op) => self.txn_resolve(txn, op.txid, op.commit, now),
+            Op::TxnForget(op) => {
+                txn.delete(keys::decision(self.group, op.txid));
+                Ok(CommandResult::default())
+            }
+            Op::TxnGc(op) => self.txn_gc(txn, op),
+            Op::DeliverRefs(op) => self.deliver_refs(txn, op, now),
+            Op::AckRefs(op) => self.ack_refs(txn, op),
         }
+    }
+
+    /// Applies each create on its own: a failed one leaves the others.
+    fn create_batch<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        creates: &[CreateOp],
+        now: Timespec,
+    ) -> Result<CommandResult, NsError> {
+        if creates.len() > MAX_BATCH {
+            return Err(NsError::Invalid(format!(
+                "a batch holds at most {MAX_BATCH} creates, not {}",
+                creates.len()
+            )));
+        }
+        let mut out = CommandResult::default();
+        for c in creates {
+            let mut sub = Txn::new(&*txn);
+            let r = match self.create(&mut sub, c, now) {
+                Ok(r) => Some(r),
+                Err(NsError::Kv(e)) => return Err(NsError::Kv(e)),
+                // A locked parent or name: the whole batch is retried.
+                Err(e @ NsError::Busy(_)) => return Err(e),
+                Err(e) => {
+                    out.results.push(CommandResult {
+                        error: Some(e.to_wire()),
+                        ..Default::default()
+                    });
+                    None
+                }
+            };
+            if let Some(r) = r {
+                let w = sub.into_writes();
+                txn.writes.extend(w);
+                out.results.push(r);
+            }
+        }
+        Ok(out)
     }
 
     fn init<R: KvRead + ?Sized>(
@@ -552,47 +747,35 @@ impl Namespace {
         if self.load_dirent(txn, op.parent, &op.name)?.is_some() {
             return Err(NsError::Exists(name_str(&op.name)));
         }
-        let ino = self.alloc_ino(txn)?;
-        let pattr = attr_mut(&mut parent);
-        let mut perm = op.perm & 0o7777;
-        let mut gid = op.gid;
-        if pattr.perm & S_ISGID != 0 {
-            // BSD group semantics under a set-group-ID directory, as Linux does.
-            gid = pattr.gid;
-            if kind == FileKind::Directory {
-                perm |= S_ISGID;
+        if kind == FileKind::Directory {
+            let count = self.group_record(txn)?.group_count;
+            let home = dir_group(op.parent, &op.name, count);
+            if home != self.group {
+                // The new directory lives in another group: a cross-shard create.
+                return Err(NsError::CrossShard {
+                    ino: 0,
+                    owner: home,
+                    group: self.group,
+                });
             }
         }
+        let ino = self.alloc_ino(txn)?;
+        let pattr = attr_mut(&mut parent);
+        let (perm, gid) = inherit(pattr, kind, op.perm, op.gid);
         let is_dir = kind == FileKind::Directory;
-        let target = if kind == FileKind::Symlink {
-            op.symlink_target.clone()
-        } else {
-            Default::default()
-        };
-        let rec = InodeRecord {
-            attr: Some(Attr {
-                ino,
+        let rec = new_inode(
+            &NewInodeSub {
                 kind: kind as i32,
-                perm: if kind == FileKind::Symlink {
-                    0o777
-                } else {
-                    perm
-                },
+                perm,
                 uid: op.uid,
                 gid,
-                size: target.len() as u64,
-                nlink: if is_dir { 2 } else { 1 },
-                atime: Some(now),
-                mtime: Some(now),
-                ctime: Some(now),
-                crtime: Some(now),
                 rdev: op.rdev,
-                layout_version: 0,
-            }),
-            symlink_target: target,
-            entries: 0,
-            parent: if is_dir { op.parent } else { 0 },
-        };
+                symlink_target: op.symlink_target.clone(),
+                parent: op.parent,
+                ino,
+            },
+            now,
+        );
         pattr.mtime = Some(now);
         pattr.ctime = Some(now);
         if is_dir {
@@ -676,7 +859,7 @@ impl Namespace {
         let out = *a;
         if out.nlink == 0 {
             let old = self.load_layout(txn, ino)?;
-            self.change_refs(txn, &old, &[], now)?;
+            self.change_refs(txn, &old, &[], &HashMap::new(), now)?;
             txn.delete(keys::layout(self.group, ino));
             txn.delete(keys::inode(self.group, ino));
             self.count_inode_freed(txn)?;
@@ -705,6 +888,12 @@ impl Namespace {
             }
             if child.entries > 0 {
                 return Err(NsError::NotEmpty(name_str(&op.name)));
+            }
+            if child.reserved > 0 {
+                return Err(NsError::Busy(format!(
+                    "directory {} (an entry is being added)",
+                    name_str(&op.name)
+                )));
             }
         } else if child_is_dir {
             return Err(NsError::IsDir(name_str(&op.name)));
@@ -772,7 +961,14 @@ impl Namespace {
         if op.noreplace && dst.is_some() {
             return Err(NsError::Exists(name_str(&op.new_name)));
         }
-        if src_is_dir && self.is_within(txn, op.new_parent, src.ino)? {
+        // A directory moving to another parent: the walk up from the new
+        // parent must stay in this group (an inode of another group hands
+        // the rename to the coordinator, which takes the rename lock); an
+        // inode locked by a directory move in progress answers Busy.
+        if src_is_dir
+            && op.parent != op.new_parent
+            && self.is_within(txn, op.new_parent, src.ino)?
+        {
             return Err(NsError::Invalid(
                 "cannot move a directory beneath itself".into(),
             ));
@@ -781,6 +977,7 @@ impl Namespace {
             if d.ino != src.ino
                 && d.kind == FileKind::Directory as i32
                 && !op.exchange
+                && op.parent != op.new_parent
                 && self.is_within(txn, op.parent, d.ino)?
             {
                 // Replacing an ancestor of the source: it cannot be empty.
@@ -790,7 +987,10 @@ impl Namespace {
         if op.exchange {
             let dst = dst.ok_or_else(|| NsError::NotFound(name_str(&op.new_name)))?;
             let dst_is_dir = dst.kind == FileKind::Directory as i32;
-            if dst_is_dir && self.is_within(txn, op.parent, dst.ino)? {
+            if dst_is_dir
+                && op.parent != op.new_parent
+                && self.is_within(txn, op.parent, dst.ino)?
+            {
                 return Err(NsError::Invalid(
                     "cannot move a directory beneath itself".into(),
                 ));
@@ -841,7 +1041,7 @@ impl Namespace {
         Ok(CommandResult {
             attr: Some(attr),
             removed,
-            error: None,
+            ..Default::default()
         })
     }
 
@@ -905,7 +1105,7 @@ impl Namespace {
             let old = self.load_layout(txn, op.ino)?;
             let new = truncate_extents(&old, size);
             if new != old {
-                self.change_refs(txn, &old, &new, now)?;
+                self.change_refs(txn, &old, &new, &HashMap::new(), now)?;
                 self.store_layout(txn, op.ino, &new);
             }
             let a = attr_mut(&mut rec);
@@ -955,47 +1155,107 @@ impl Namespace {
         }
     }
 
-    /// Moves chunk references from the `old` extents to the `new` ones.
+    /// Moves chunk references from the `old` extents to the `new` ones:
+    /// directly for chunks this group indexes, through the outbox for the
+    /// others. `register` carries size and locations of newly uploaded
+    /// chunks indexed elsewhere.
     fn change_refs<R: KvRead + ?Sized>(
         &self,
         txn: &mut Txn<'_, R>,
         old: &[Extent],
         new: &[Extent],
+        register: &HashMap<ChunkId, (u64, Vec<u64>)>,
         now: Timespec,
     ) -> Result<(), NsError> {
-        let mut delta: HashMap<ChunkId, i64> = HashMap::new();
+        let mut delta: BTreeMap<ChunkId, i64> = BTreeMap::new();
         for e in old {
             *delta.entry(extent_chunk(e)?).or_default() -= 1;
         }
         for e in new {
             *delta.entry(extent_chunk(e)?).or_default() += 1;
         }
-        let group_count = self.group_record(txn)?.group_count;
+        for id in register.keys() {
+            delta.entry(*id).or_default();
+        }
         let mut stats = self.group_record(txn)?;
-        let mut ids: Vec<_> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
-        ids.sort();
-        for (id, d) in ids {
-            self.own_chunk(&id, group_count)?;
-            let mut rec = self
-                .load_chunk(txn, &id)?
-                .ok_or(NsError::UnknownChunk(id))?;
-            let was = rec.refcount;
-            rec.refcount = (rec.refcount as i64 + d).max(0) as u64;
-            if rec.refcount == 0 && was > 0 {
-                rec.zero_since = Some(now);
-            } else if rec.refcount > 0 {
-                rec.zero_since = None;
+        let group_count = stats.group_count;
+        let mut remote: BTreeMap<u32, Vec<ChunkDelta>> = BTreeMap::new();
+        for (id, d) in delta {
+            let owner = id.group(group_count);
+            if owner == self.group {
+                if d != 0 {
+                    self.adjust_chunk(txn, &mut stats, &id, d, 0, &[], now)?;
+                }
+                continue;
             }
-            if was == 0 && rec.refcount > 0 {
-                stats.chunk_count += 1;
-                stats.chunk_bytes += rec.size;
-            } else if was > 0 && rec.refcount == 0 {
-                stats.chunk_count = stats.chunk_count.saturating_sub(1);
-                stats.chunk_bytes = stats.chunk_bytes.saturating_sub(rec.size);
+            let (size, locations) = register.get(&id).cloned().unwrap_or_default();
+            if d != 0 || size != 0 {
+                remote.entry(owner).or_default().push(ChunkDelta {
+                    chunk_id: id.0.to_vec().into(),
+                    delta: d,
+                    size,
+                    locations,
+                });
             }
-            txn.put(keys::chunk(self.group, &id.0), &rec);
         }
         txn.put(keys::group_record(self.group), &stats);
+        for (target, deltas) in remote {
+            self.queue_refs(txn, target, deltas)?;
+        }
+        Ok(())
+    }
+
+    /// Changes one chunk's refcount (creating its record when unknown) and
+    /// the group's chunk totals.
+    #[allow(clippy::too_many_arguments)]
+    fn adjust_chunk<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        stats: &mut GroupRecord,
+        id: &ChunkId,
+        d: i64,
+        size: u64,
+        locations: &[u64],
+        now: Timespec,
+    ) -> Result<(), NsError> {
+        let mut rec = self.load_chunk(txn, id)?.unwrap_or(ChunkRecord {
+            size,
+            refcount: 0,
+            locations: Vec::new(),
+            zero_since: Some(now),
+        });
+        if rec.size == 0 && size > 0 {
+            rec.size = size;
+            if rec.refcount > 0 {
+                // Counted as live before its size was known.
+                stats.chunk_bytes += size;
+            }
+        }
+        for l in locations {
+            if !rec.locations.contains(l) {
+                rec.locations.push(*l);
+            }
+        }
+        rec.locations.sort_unstable();
+        let was = rec.refcount;
+        let now_refs = rec.refcount as i64 + d;
+        if now_refs < 0 {
+            tracing::error!(group = self.group, chunk = %id, was, delta = d, "chunk refcount would go below zero");
+        }
+        rec.refcount = now_refs.max(0) as u64;
+        if rec.refcount == 0 && was > 0 {
+            rec.zero_since = Some(now);
+        } else if rec.refcount > 0 {
+            rec.zero_since = None;
+        }
+        if was == 0 && rec.refcount > 0 {
+            stats.chunk_count += 1;
+            stats.chunk_bytes += rec.size;
+        } else if was > 0 && rec.refcount == 0 {
+            stats.chunk_count = stats.chunk_count.saturating_sub(1);
+            stats.chunk_bytes = stats.chunk_bytes.saturating_sub(rec.size);
+        }
+        txn.put(keys::chunk(self.group, &id.0), &rec);
         Ok(())
     }
 
@@ -1015,11 +1275,23 @@ impl Namespace {
             return Err(NsError::FileTooBig(op.size));
         }
         let group_count = self.group_record(txn)?.group_count;
-        // Register uploaded chunks first so the layout can reference them.
+        // Register uploaded chunks first so the layout can reference them;
+        // chunks indexed by other groups are registered there through the
+        // outbox, with the reference change.
+        let mut register: HashMap<ChunkId, (u64, Vec<u64>)> = HashMap::new();
         for nc in &op.new_chunks {
             let id =
                 ChunkId::try_from(&nc.chunk_id[..]).map_err(|e| NsError::Invalid(e.to_string()))?;
-            self.own_chunk(&id, group_count)?;
+            if id.group(group_count) != self.group {
+                let entry = register.entry(id).or_insert((nc.size, Vec::new()));
+                if entry.0 != nc.size {
+                    return Err(NsError::Invalid(format!(
+                        "chunk {id} listed with two sizes"
+                    )));
+                }
+                entry.1.extend(nc.locations.iter().copied());
+                continue;
+            }
             let mut c = self.load_chunk(txn, &id)?.unwrap_or(ChunkRecord {
                 size: nc.size,
                 refcount: 0,
@@ -1042,6 +1314,9 @@ impl Namespace {
         }
         // Validate the layout: sorted, non-overlapping, inside the file and
         // inside each referenced chunk.
+        let old = self.load_layout(txn, op.ino)?;
+        let old_ids: std::collections::HashSet<ChunkId> =
+            old.iter().filter_map(|e| extent_chunk(e).ok()).collect();
         let mut end = 0u64;
         for e in &op.extents {
             let id = extent_chunk(e)?;
@@ -1055,18 +1330,30 @@ impl Namespace {
             if end > op.size {
                 return Err(NsError::Invalid("extent beyond the file size".into()));
             }
-            self.own_chunk(&id, group_count)?;
-            let c = self
-                .load_chunk(txn, &id)?
-                .ok_or(NsError::UnknownChunk(id))?;
-            if e.chunk_offset.saturating_add(e.length) > c.size {
-                return Err(NsError::Invalid(format!(
-                    "extent beyond the end of chunk {id}"
-                )));
+            let size = if id.group(group_count) == self.group {
+                Some(
+                    self.load_chunk(txn, &id)?
+                        .ok_or(NsError::UnknownChunk(id))?
+                        .size,
+                )
+            } else {
+                register.get(&id).map(|r| r.0)
+            };
+            match size {
+                Some(size) if e.chunk_offset.saturating_add(e.length) > size => {
+                    return Err(NsError::Invalid(format!(
+                        "extent beyond the end of chunk {id}"
+                    )));
+                }
+                Some(_) => {}
+                // A chunk indexed elsewhere that the file did not reference
+                // before must come with its size (the client lists every
+                // chunk it adds to a layout).
+                None if !old_ids.contains(&id) => return Err(NsError::UnknownChunk(id)),
+                None => {}
             }
         }
-        let old = self.load_layout(txn, op.ino)?;
-        self.change_refs(txn, &old, &op.extents, now)?;
+        self.change_refs(txn, &old, &op.extents, &register, now)?;
         self.store_layout(txn, op.ino, &op.extents);
         let a = attr_mut(&mut rec);
         a.size = op.size;
@@ -1097,17 +1384,47 @@ impl Namespace {
                 let e = self
                     .load_dirent(kv, l.parent, &l.name)?
                     .ok_or_else(|| NsError::NotFound(name_str(&l.name)))?;
-                out.attr = self.load_inode(kv, e.ino)?.attr;
+                // An inode in another group: the client asks that group.
+                if group_of_ino(e.ino) == self.group {
+                    out.attr = self.load_inode(kv, e.ino)?.attr;
+                }
+                out.entry = Some(DirEntry {
+                    name: l.name.clone(),
+                    ino: e.ino,
+                    kind: e.kind,
+                    attr: out.attr,
+                });
             }
-            Q::GetAttr(g) => out.attr = self.load_inode(kv, g.ino)?.attr,
+            Q::GetAttr(g) => {
+                let rec = self.load_inode(kv, g.ino)?;
+                out.parent = rec.parent;
+                out.attr = rec.attr;
+            }
+            Q::TxnStatus(t) => out.txn_state = self.txn_state(kv, t.txid)? as i32,
+            Q::RequestResult(r) => {
+                let key = keys::request(self.group, r.client_id, r.request_seq);
+                if let Some(b) = kv.get(&key)? {
+                    out.request_result = Some(decode(&key, &b)?);
+                }
+            }
             Q::ReadDir(r) => {
                 let dir = self.load_dir(kv, r.ino)?;
                 out.attr = dir.attr;
                 let limit = (r.limit as usize).clamp(1, MAX_READDIR);
                 let prefix = keys::dir_prefix(self.group, r.ino);
+                // An entry being added or removed by a cross-shard operation
+                // in progress: the listing waits for it, so it never shows
+                // a moved entry in neither directory.
+                if !kv
+                    .scan(&keys::lock(self.group, &prefix), &r.after, 1)?
+                    .is_empty()
+                {
+                    return Err(NsError::Busy(format!("directory {}", r.ino)));
+                }
                 let rows = kv.scan(&prefix, &r.after, limit + 1)?;
                 out.more = rows.len() > limit;
                 for (k, v) in rows.into_iter().take(limit) {
+                    self.check_lock(kv, &k)?;
                     let d: DirentRecord = decode(&k, &v)?;
                     let attr = if r.plus {
                         // An entry whose inode lives in another group is
@@ -1173,6 +1490,78 @@ impl Namespace {
             }
         }
         Ok(out)
+    }
+}
+
+/// Permission bits and group of a new inode under a directory with
+/// attributes `parent`: BSD group semantics under a set-group-ID directory,
+/// as Linux does.
+pub fn inherit(parent: &Attr, kind: FileKind, perm: u32, gid: u32) -> (u32, u32) {
+    let mut perm = perm & 0o7777;
+    let mut gid = gid;
+    if parent.perm & S_ISGID != 0 {
+        gid = parent.gid;
+        if kind == FileKind::Directory {
+            perm |= S_ISGID;
+        }
+    }
+    (perm, gid)
+}
+
+/// The record of a new inode numbered `sub.ino`.
+fn new_inode(sub: &NewInodeSub, now: Timespec) -> InodeRecord {
+    let kind = FileKind::try_from(sub.kind).unwrap_or(FileKind::Unspecified);
+    let is_dir = kind == FileKind::Directory;
+    let target = if kind == FileKind::Symlink {
+        sub.symlink_target.clone()
+    } else {
+        Default::default()
+    };
+    InodeRecord {
+        attr: Some(Attr {
+            ino: sub.ino,
+            kind: kind as i32,
+            perm: if kind == FileKind::Symlink {
+                0o777
+            } else {
+                sub.perm & 0o7777
+            },
+            uid: sub.uid,
+            gid: sub.gid,
+            size: target.len() as u64,
+            nlink: if is_dir { 2 } else { 1 },
+            atime: Some(now),
+            mtime: Some(now),
+            ctime: Some(now),
+            crtime: Some(now),
+            rdev: sub.rdev,
+            layout_version: 0,
+        }),
+        symlink_target: target,
+        entries: 0,
+        parent: if is_dir { sub.parent } else { 0 },
+        reserved: 0,
+    }
+}
+
+/// Whether a reply says its operation spans groups (and must go to the
+/// coordinator).
+pub fn crossed(r: &CommandResult) -> bool {
+    r.error
+        .as_ref()
+        .is_some_and(|e| e.code() == ErrorCode::CrossShard)
+}
+
+/// A key named for an error message.
+fn describe_key(key: &[u8]) -> String {
+    match key.get(4) {
+        Some(&keys::INODE) => key
+            .get(5..13)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| format!("inode {}", u64::from_be_bytes(b)))
+            .unwrap_or_else(|| "an inode".into()),
+        Some(&keys::DIRENT) => format!("entry {:?}", name_str(key.get(13..).unwrap_or_default())),
+        _ => "a record".into(),
     }
 }
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::app::NamespaceApp;
 use crate::chunkstore::{ChunkStore, DEFAULT_RESERVE_BYTES};
+use crate::router::Router;
 use crate::service::{AdminSvc, ChunkSvc, MetaSvc};
 
 /// Node settings, from `/etc/musicfs/node.toml` and/or flags.
@@ -94,9 +95,9 @@ fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
 }
 
 /// Holds an exclusive lock on the data directory for the node's lifetime.
-struct DirLock(#[allow(dead_code)] std::fs::File);
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
 
-fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
+pub fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
     use std::os::unix::io::AsRawFd;
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -166,9 +167,12 @@ pub async fn run(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(10)));
+    let router = Router::new(registry.clone(), std::time::Duration::from_secs(10));
     let meta = Arc::new(MetaSvc {
         registry: registry.clone(),
+        router: router.clone(),
     });
+    let background = tokio::spawn(crate::background::run(router));
     let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
     let admin = AdminSvc {
         registry: registry.clone(),
@@ -197,6 +201,7 @@ pub async fn run(
         .add_service(AdminServiceServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    background.abort();
     registry.shutdown().await;
     tracing::info!(id = cfg.id, "node stopped");
     Ok(())

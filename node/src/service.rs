@@ -10,81 +10,139 @@ use prost::Message;
 use proto::admin::admin_service_server::AdminService;
 use proto::admin::{
     GroupStatus as PbGroupStatus, InitRequest, InitResponse, Peer, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    SnapshotResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use proto::meta::meta_service_client::MetaServiceClient;
 use proto::meta::meta_service_server::MetaService;
 use proto::meta::{
-    command::Op, Command, CommandResult, Error as WireError, ErrorCode, InitOp, ProposeRequest,
-    QueryRequest, QueryResult, Timespec,
+    command::Op, Command, CommandResult, Error as WireError, ErrorCode, FileKind, GroupRecord,
+    InitOp, ProposeRequest, QueryRequest, QueryResult, Timespec,
 };
 use proto::storage::chunk_service_server::ChunkService;
 use proto::storage::{
     GetChunkRequest, GetChunkResponse, HasChunksRequest, HasChunksResponse, PutChunkRequest,
     PutChunkResponse,
 };
-use proto::{ChunkId, FORMAT_VERSION};
-use raft::{GroupError, KvView, Registry};
+use proto::ChunkId;
+use raft::{KvView, Registry};
 use tonic::{Request, Response, Status};
 
 use crate::app::ViewKv;
 use crate::chunkstore::{ChunkError, ChunkStore};
-use crate::namespace::Namespace;
-
-fn group_error(e: GroupError) -> WireError {
-    match e {
-        GroupError::NotLeader {
-            leader_id,
-            leader_addr,
-            group,
-        } => {
-            let mut w = WireError::new(
-                ErrorCode::NotLeader,
-                format!("not the leader of group {group}"),
-            );
-            w.leader_id = leader_id.unwrap_or(0);
-            w.leader_addr = leader_addr.unwrap_or_default();
-            w
-        }
-        GroupError::UnknownGroup(g) => WireError::new(
-            ErrorCode::Unavailable,
-            format!("group {g} is not hosted here"),
-        ),
-        e => WireError::new(ErrorCode::Unavailable, e.to_string()),
-    }
-}
+use crate::coordinator;
+use crate::namespace::{crossed, keys, Namespace};
+use crate::router::{internal_command, propose_local, query_local, Router};
 
 pub struct MetaSvc {
     pub registry: Arc<Registry>,
+    pub router: Arc<Router>,
+}
+
+/// Client operations that may span groups.
+fn may_cross(cmd: &Command) -> bool {
+    matches!(
+        cmd.op,
+        Some(Op::Create(_) | Op::Link(_) | Op::Remove(_) | Op::Rename(_))
+    )
+}
+
+/// mkdir lands in another group for all but one group in N: worth a dry
+/// run. Other operations cross only now and then (an inode moved or linked
+/// into another group) and fall back when the single-group attempt says so.
+fn likely_cross(cmd: &Command) -> bool {
+    matches!(&cmd.op, Some(Op::Create(c)) if c.kind == FileKind::Directory as i32)
 }
 
 impl MetaSvc {
-    pub async fn propose_command(&self, group_id: u32, mut cmd: Command) -> CommandResult {
-        let Some(group) = self.registry.group(group_id) else {
-            return CommandResult {
-                error: Some(WireError::new(
-                    ErrorCode::Unavailable,
-                    format!("group {group_id} is not hosted on this node"),
-                )),
-                ..Default::default()
-            };
-        };
-        // The leader's clock stamps the command, so every replica applies the same time.
-        cmd.now = Some(Timespec::now());
-        cmd.version = cmd.version.max(1);
-        match group.propose(Bytes::from(cmd.encode_to_vec())).await {
-            Ok(reply) => CommandResult::decode(reply).unwrap_or_else(|e| CommandResult {
-                error: Some(WireError::new(
-                    ErrorCode::Internal,
-                    format!("undecodable reply: {e}"),
-                )),
-                ..Default::default()
-            }),
-            Err(e) => CommandResult {
-                error: Some(group_error(e)),
-                ..Default::default()
-            },
+    /// Proposes a command to `group_id`; a client operation that turns out
+    /// to span groups runs as a cross-shard transaction coordinated here.
+    pub async fn propose_command(&self, group_id: u32, cmd: Command) -> CommandResult {
+        if likely_cross(&cmd) {
+            // Try it on this leader's state first: a cross-shard operation
+            // then skips the single-group attempt.
+            if let Some(dry) = self.dry_run(group_id, &cmd).await {
+                if crossed(&dry) {
+                    return self.cross_shard(group_id, &cmd).await;
+                }
+            }
         }
+        let r = propose_local(&self.registry, group_id, cmd.clone()).await;
+        if may_cross(&cmd) && crossed(&r) {
+            return self.cross_shard(group_id, &cmd).await;
+        }
+        if matches!(cmd.op, Some(Op::CreateBatch(_))) && r.results.iter().any(crossed) {
+            return self.coordinate(group_id, &cmd, Some(r)).await;
+        }
+        r
+    }
+
+    async fn dry_run(&self, group_id: u32, cmd: &Command) -> Option<CommandResult> {
+        let group = self.registry.group(group_id)?;
+        if !group.is_leader() {
+            return None;
+        }
+        let store = self.registry.store().clone();
+        let mut cmd = cmd.clone();
+        cmd.now = Some(Timespec::now());
+        tokio::task::spawn_blocking(move || {
+            let view = KvView::new(&store);
+            Namespace::new(group_id)
+                .apply_request(&ViewKv(&view), &cmd)
+                .ok()
+                .map(|(_, r)| r)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn cross_shard(&self, group_id: u32, cmd: &Command) -> CommandResult {
+        self.coordinate(group_id, cmd, None).await
+    }
+
+    /// Runs the coordinator for `cmd` (or, with `batch`, for the
+    /// directories of a create batch that belong in other groups) in its
+    /// own task: a client that gives up on its request must not abandon a
+    /// transaction between two of its steps.
+    async fn coordinate(
+        &self,
+        group_id: u32,
+        cmd: &Command,
+        batch: Option<CommandResult>,
+    ) -> CommandResult {
+        let count = match self.group_count(group_id) {
+            Ok(c) => c,
+            Err(e) => {
+                return CommandResult {
+                    error: Some(e),
+                    ..Default::default()
+                }
+            }
+        };
+        let (router, cmd) = (self.router.clone(), cmd.clone());
+        tokio::spawn(async move {
+            match batch {
+                Some(b) => coordinator::mkdir_batch(&*router, group_id, count, &cmd, b).await,
+                None => coordinator::run(&*router, group_id, count, &cmd).await,
+            }
+        })
+        .await
+        .unwrap_or_else(|e| CommandResult {
+            error: Some(WireError::new(ErrorCode::Internal, e.to_string())),
+            ..Default::default()
+        })
+    }
+
+    fn group_count(&self, group_id: u32) -> Result<u32, WireError> {
+        let view = KvView::new(self.registry.store());
+        let key = keys::group_record(group_id);
+        let rec = view
+            .get(&key)
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+            .ok_or_else(|| WireError::new(ErrorCode::NotInitialized, "group not initialised"))?;
+        let rec = GroupRecord::decode(&rec[..])
+            .map_err(|e| WireError::new(ErrorCode::Corrupt, e.to_string()))?;
+        Ok(rec.group_count.max(1))
     }
 }
 
@@ -118,39 +176,18 @@ impl MetaService for MetaSvc {
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResult>, Status> {
         let req = request.into_inner();
-        let fail = |e: WireError| {
-            Ok(Response::new(QueryResult {
-                error: Some(e),
+        let Some(q) = req.query.and_then(|q| q.q) else {
+            return Ok(Response::new(QueryResult {
+                error: Some(WireError::new(
+                    ErrorCode::Invalid,
+                    "request carries no query",
+                )),
                 ..Default::default()
-            }))
+            }));
         };
-        let Some(group) = self.registry.group(req.group_id) else {
-            return fail(WireError::new(
-                ErrorCode::Unavailable,
-                format!("group {} is not hosted on this node", req.group_id),
-            ));
-        };
-        let Some(q) = req.query else {
-            return fail(WireError::new(
-                ErrorCode::Invalid,
-                "request carries no query",
-            ));
-        };
-        if let Err(e) = group.read_barrier().await {
-            return fail(group_error(e));
-        }
-        let store = self.registry.store().clone();
-        let gid = req.group_id;
-        let res = tokio::task::spawn_blocking(move || {
-            let view = KvView::new(&store);
-            Namespace::new(gid).query(&ViewKv(&view), &q)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        match res {
-            Ok(r) => Ok(Response::new(r)),
-            Err(e) => fail(e.to_wire()),
-        }
+        Ok(Response::new(
+            query_local(&self.registry, req.group_id, q).await,
+        ))
     }
 }
 
@@ -287,18 +324,11 @@ impl AdminSvc {
         while !pending.is_empty() {
             let mut still = Vec::new();
             for g in pending {
-                let cmd = Command {
-                    version: FORMAT_VERSION,
-                    now: Some(Timespec::now()),
-                    client_id: 0,
-                    request_seq: 0,
-                    acked_below: 0,
-                    op: Some(Op::Init(InitOp {
-                        cluster_id: cluster_id.to_string(),
-                        group_id: g,
-                        group_count: count,
-                    })),
-                };
+                let cmd = internal_command(Op::Init(InitOp {
+                    cluster_id: cluster_id.to_string(),
+                    group_id: g,
+                    group_count: count,
+                }));
                 let mut res = self.meta.propose_command(g, cmd.clone()).await;
                 if let Some(e) = &res.error {
                     if e.code() == ErrorCode::NotLeader && !e.leader_addr.is_empty() {
@@ -410,24 +440,21 @@ impl AdminService for AdminSvc {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let groups: Vec<PbGroupStatus> = self
+        let store = self.registry.store().clone();
+        let statuses: Vec<(raft::GroupStatus, bool)> = self
             .registry
             .groups()
             .iter()
-            .map(|g| {
-                let s = g.status();
-                PbGroupStatus {
-                    group_id: s.group,
-                    leader_id: s.leader.unwrap_or(0),
-                    term: s.term,
-                    voters: s.voters,
-                    last_applied: s.last_applied,
-                    last_log_index: s.last_log_index,
-                    snapshot_index: s.snapshot_index,
-                    state: s.state,
-                }
-            })
+            .map(|g| (g.status(), g.is_leader()))
             .collect();
+        let groups = tokio::task::spawn_blocking(move || {
+            statuses
+                .into_iter()
+                .map(|(s, leader)| group_status(&store, s, leader))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         let peers: Vec<Peer> = self
             .registry
             .group(0)
@@ -455,6 +482,52 @@ impl AdminService for AdminSvc {
         }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let fail = |code, msg: String| {
+            Ok(Response::new(TransferLeaderResponse {
+                error: Some(WireError::new(code, msg)),
+            }))
+        };
+        let Some(g) = self.registry.group(req.group_id) else {
+            return fail(
+                ErrorCode::Invalid,
+                format!("group {} is not hosted here", req.group_id),
+            );
+        };
+        let st = g.status();
+        if !st.voters.contains(&req.to_node) {
+            return fail(
+                ErrorCode::Invalid,
+                format!(
+                    "node {} is not a voter of group {}",
+                    req.to_node, req.group_id
+                ),
+            );
+        }
+        if !g.is_leader() {
+            let mut e = WireError::new(
+                ErrorCode::NotLeader,
+                format!("not the leader of group {}", req.group_id),
+            );
+            e.leader_id = st.leader.unwrap_or(0);
+            e.leader_addr = st
+                .nodes
+                .iter()
+                .find(|(id, _)| Some(*id) == st.leader)
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default();
+            return Ok(Response::new(TransferLeaderResponse { error: Some(e) }));
+        }
+        if let Err(e) = g.transfer_leader(req.to_node).await {
+            return fail(ErrorCode::Unavailable, e.to_string());
+        }
+        Ok(Response::new(TransferLeaderResponse { error: None }))
+    }
+
     async fn trigger_snapshot(
         &self,
         _request: Request<SnapshotRequest>,
@@ -467,5 +540,46 @@ impl AdminService for AdminSvc {
             }
         }
         Ok(Response::new(SnapshotResponse { error: None }))
+    }
+}
+
+/// One group's status with the counts only its leader's state answers.
+fn group_status(store: &raft::Store, s: raft::GroupStatus, leader: bool) -> PbGroupStatus {
+    let view = KvView::new(store);
+    let kv = ViewKv(&view);
+    let ns = Namespace::new(s.group);
+    let (mut open, mut queued) = (0, 0);
+    if leader {
+        // Abort decisions stay a while on purpose (a slow coordinator must
+        // find them): they are settled, not open.
+        open = ns.intents(&kv, 10_000).map(|v| v.len()).unwrap_or(0)
+            + ns.decisions(&kv, 10_000)
+                .map(|v| v.iter().filter(|d| d.commit).count())
+                .unwrap_or(0);
+        queued = ns
+            .outbox(&kv, 10_000)
+            .map(|v| v.iter().map(|o| o.batches.len()).sum())
+            .unwrap_or(0);
+    }
+    let inodes = view
+        .get(&keys::group_record(s.group))
+        .ok()
+        .flatten()
+        .and_then(|b| GroupRecord::decode(&b[..]).ok())
+        .map(|r| r.inode_count)
+        .unwrap_or(0);
+    PbGroupStatus {
+        group_id: s.group,
+        leader_id: s.leader.unwrap_or(0),
+        term: s.term,
+        voters: s.voters,
+        last_applied: s.last_applied,
+        last_log_index: s.last_log_index,
+        snapshot_index: s.snapshot_index,
+        state: s.state,
+        open_intents: open as u64,
+        queued_ref_batches: queued as u64,
+        size_bytes: store.group_size(s.group),
+        inodes,
     }
 }

@@ -37,6 +37,16 @@ pub fn make_ino(group: u32, seq: u64) -> u64 {
     (u64::from(group) << GROUP_SHIFT) | (seq & ((1 << GROUP_SHIFT) - 1))
 }
 
+/// The group a new directory named `name` under `parent` lives in: spread by
+/// hash so that a big tree's directories (and the files they hold) spread
+/// over every group.
+pub fn dir_group(parent: u64, name: &[u8], group_count: u32) -> u32 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&parent.to_be_bytes());
+    h.update(name);
+    (h.digest() % u64::from(group_count.max(1))) as u32
+}
+
 /// A chunk's content address: XXH3-128 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 16]);

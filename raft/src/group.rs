@@ -156,6 +156,25 @@ impl Group {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
+    /// The last log index `node` is known to hold (leader only).
+    pub fn replication_matched(&self, node: u64) -> Option<u64> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&node).cloned())
+            .flatten()
+            .map(|l| l.index)
+    }
+
+    /// Asks this (leader) node to hand leadership of the group to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), GroupError> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| GroupError::Other(e.to_string()))
+    }
+
     pub async fn trigger_snapshot(&self) -> Result<(), GroupError> {
         self.raft
             .trigger()

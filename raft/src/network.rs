@@ -13,7 +13,8 @@ use bytes::Bytes;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
 use openraft::BasicNode;
@@ -236,6 +237,29 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             convert::opt_log_id_from_pb(&v.last_log_id).map_err(network)?,
             v.vote_granted,
         ))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let env = pb::TransferLeaderEnvelope {
+            header: Some(self.header()),
+            request: Some(pb::TransferLeaderRequest {
+                from_leader: Some(convert::vote_to_pb(req.from_leader())),
+                to_node_id: *req.to_node_id(),
+                last_log_id: req.last_log_id().map(convert::log_id_to_pb),
+            }),
+        };
+        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let mut r = Request::new(env);
+        r.set_timeout(option.soft_ttl());
+        let reply = c.transfer_leader(r).await.map_err(status_err)?.into_inner();
+        match reply.error {
+            Some(e) => Err(remote_err(e)),
+            None => Ok(Ok(())),
+        }
     }
 
     async fn full_snapshot(
@@ -612,10 +636,41 @@ impl RaftService for RaftServer {
 
     async fn transfer_leader(
         &self,
-        _request: Request<pb::TransferLeaderEnvelope>,
+        request: Request<pb::TransferLeaderEnvelope>,
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
-        Err(Status::unimplemented(
-            "leader transfer is not supported yet",
-        ))
+        let env = request.into_inner();
+        let raft = match self.check(&env.header).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Response::new(pb::TransferLeaderReply { error: Some(e) })),
+        };
+        let parse = || -> Result<TransferLeaderRequest<TypeConfig>, convert::Malformed> {
+            let r = env
+                .request
+                .as_ref()
+                .ok_or_else(|| convert::Malformed("no request".into()))?;
+            Ok(TransferLeaderRequest::new(
+                convert::vote_from_pb(
+                    r.from_leader
+                        .as_ref()
+                        .ok_or_else(|| convert::Malformed("no vote".into()))?,
+                )?,
+                r.to_node_id,
+                convert::opt_log_id_from_pb(&r.last_log_id)?,
+            ))
+        };
+        let req = match parse() {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Response::new(pb::TransferLeaderReply {
+                    error: Some(Self::err(codes::MALFORMED, e.to_string())),
+                }))
+            }
+        };
+        let error = match raft.handle_transfer_leader(req).await {
+            Ok(Ok(())) => None,
+            Ok(Err(rejected)) => Some(Self::err(codes::FATAL, rejected.to_string())),
+            Err(fatal) => Some(Self::err(codes::FATAL, fatal.to_string())),
+        };
+        Ok(Response::new(pb::TransferLeaderReply { error }))
     }
 }

@@ -49,8 +49,16 @@ impl<'a> KvView<'a> {
         let mut start = prefix.to_vec();
         start.extend_from_slice(after);
         let mut out = Vec::new();
-        let it = self.store.db.iterator_cf(
+        // Stop at the end of the prefix: without a bound the iterator would
+        // walk every deleted key past it (pruned request results, resolved
+        // intents) before finding the first live key beyond.
+        let mut ro = rocksdb::ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let it = self.store.db.iterator_cf_opt(
             self.store.cf(CF_SM),
+            ro,
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         for item in it {
@@ -65,6 +73,18 @@ impl<'a> KvView<'a> {
         }
         Ok(out)
     }
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// What a group's state machine does with committed commands.

@@ -18,6 +18,8 @@ pub const CF_LOG: &str = "log";
 pub const CF_RAFT: &str = "raft";
 /// State machine data; keys start with the group id.
 pub const CF_SM: &str = "sm";
+/// Block cache of the state-machine column family.
+const SM_CACHE_BYTES: usize = 128 << 20;
 /// Node-wide settings: node id, cluster id.
 pub const CF_NODE: &str = "node";
 
@@ -38,7 +40,19 @@ type Flush = openraft::storage::IOFlushed<TypeConfig>;
 pub struct Store {
     pub db: Arc<DB>,
     path: PathBuf,
-    flush_tx: mpsc::Sender<Flush>,
+    flush_tx: Option<mpsc::Sender<Flush>>,
+    flusher: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Stop the flusher and wait for it to release the database, so the
+        // database is closed before the process exits.
+        self.flush_tx.take();
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Store {
@@ -48,9 +62,27 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.increase_parallelism(2);
-        let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_NODE]
-            .into_iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        // State-machine reads are point lookups, many for keys that do not
+        // exist (free names, absent locks): bloom filters answer those
+        // without touching data blocks. Index and filter blocks live in one
+        // bounded cache, so memory stays flat as the namespace grows.
+        let cache = rocksdb::Cache::new_lru_cache(SM_CACHE_BYTES);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        let mut sm = Options::default();
+        sm.set_block_based_table_factory(&table);
+        sm.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_NODE].into_iter().map(|n| {
+            let o = if n == CF_SM {
+                sm.clone()
+            } else {
+                Options::default()
+            };
+            ColumnFamilyDescriptor::new(n, o)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Rocks {
             path: path.display().to_string(),
             source,
@@ -58,14 +90,15 @@ impl Store {
         let db = Arc::new(db);
         let (flush_tx, flush_rx) = mpsc::channel::<Flush>();
         let fdb = db.clone();
-        thread::Builder::new()
+        let flusher = thread::Builder::new()
             .name("raft-flusher".into())
             .spawn(move || flusher(fdb, flush_rx))
             .map_err(|_| StoreError::FlusherGone)?;
         Ok(Arc::new(Store {
             db,
             path: path.to_path_buf(),
-            flush_tx,
+            flush_tx: Some(flush_tx),
+            flusher: Some(flusher),
         }))
     }
 
@@ -111,7 +144,11 @@ impl Store {
 
     /// Hands `cb` to the flusher; it fires once the WAL is on disk.
     pub fn flush_then(&self, cb: Flush) {
-        if let Err(mpsc::SendError(cb)) = self.flush_tx.send(cb) {
+        let Some(tx) = &self.flush_tx else {
+            cb.io_completed(Err(std::io::Error::other("raft flusher stopped")));
+            return;
+        };
+        if let Err(mpsc::SendError(cb)) = tx.send(cb) {
             cb.io_completed(Err(std::io::Error::other("raft flusher stopped")));
         }
     }
@@ -130,6 +167,25 @@ impl Store {
     }
 
     /// Approximate bytes on disk of the whole store.
+    /// Approximate bytes on disk of one group's log and state (files only,
+    /// not what is still in memory).
+    pub fn group_size(&self, group: u32) -> u64 {
+        let start = group.to_be_bytes();
+        let end = (u64::from(group) + 1).to_be_bytes();
+        // Keys start with the 4-byte group id; the end bound is the next id.
+        let end = &end[4..];
+        let range = [rocksdb::Range::new(&start, end)];
+        [CF_SM, CF_LOG]
+            .iter()
+            .map(|cf| {
+                self.db
+                    .get_approximate_sizes_cf(self.cf(cf), &range)
+                    .iter()
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     pub fn size_on_disk(&self) -> u64 {
         self.db
             .property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE)

@@ -50,6 +50,8 @@ pub struct Node {
     pub data: PathBuf,
     pub child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment for the next start (e.g. FAILPOINTS).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct TestCluster {
@@ -73,6 +75,7 @@ impl TestCluster {
                 data: dir.path().join(format!("node{i}")),
                 child: None,
                 args: extra.iter().map(|s| s.to_string()).collect(),
+                env: Vec::new(),
             });
         }
         let mut c = TestCluster { dir, nodes };
@@ -114,6 +117,7 @@ impl TestCluster {
             .arg(&n.data)
             .args(&n.args)
             .env("MUSICFS_LOG", "info,openraft=warn")
+            .envs(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -134,9 +138,47 @@ impl TestCluster {
         .await;
     }
 
+    /// Initialises the cluster with four metadata groups, so tests cross
+    /// shards.
     pub async fn init(&self) -> String {
+        self.init_groups(4).await
+    }
+
+    pub async fn init_groups(&self, groups: u32) -> String {
         let peers = admin::parse_peers(&self.peers()).expect("peers");
-        admin::init_cluster(&peers, 1).await.expect("cluster init")
+        admin::init_cluster(&peers, groups)
+            .await
+            .expect("cluster init")
+    }
+
+    /// Runs the offline invariant checker on node `i`'s data directory (the
+    /// node must be stopped); returns its JSON report and whether it passed.
+    pub fn check(&self, i: usize) -> (serde_json::Value, bool) {
+        let out = Command::new(bin_dir().join("musicfs-node"))
+            .args(["check", "--json", "--data"])
+            .arg(&self.nodes[i].data)
+            .output()
+            .expect("run musicfs-node check");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check output is not JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (report, out.status.success())
+    }
+
+    /// Whether node `i`'s process has exited by itself.
+    pub fn exited(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                self.nodes[i].child = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -288,6 +330,10 @@ impl Gen {
             let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
+    }
+    /// A number below `n`.
+    pub fn pick(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];

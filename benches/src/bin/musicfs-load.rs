@@ -1,0 +1,282 @@
+//! Metadata load generator for big-library benchmarks (docs/BENCHMARKS.md):
+//! creates a library shaped like a music collection (artist/album/track)
+//! through the client core's bulk path, and measures lookup latency in it.
+//!
+//! `musicfs-load create --cluster ADDRS --files N` creates N empty tracks in
+//! albums of `--tracks` tracks, artists of `--albums` albums, with
+//! `--parallel` albums in flight; prints progress and a JSON summary.
+//! `musicfs-load stat --cluster ADDRS --files N --samples K` looks up K
+//! random tracks of that library (one linearizable lookup each, the album
+//! directory known) and prints latency percentiles.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use futures::stream::{self, StreamExt};
+use musicfs_client::fs::NewEntry;
+use musicfs_client::{parse_seeds, Cluster, ClusterConfig, Fs};
+use proto::meta::{ErrorCode, FileKind};
+use proto::ROOT_INO;
+
+#[derive(Parser)]
+#[command(name = "musicfs-load", about = "MusicFS metadata load generator")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Shape {
+    /// Cluster addresses, HOST:PORT[,HOST:PORT...].
+    #[arg(long)]
+    cluster: String,
+    /// Total tracks in the library.
+    #[arg(long)]
+    files: u64,
+    /// Tracks per album.
+    #[arg(long, default_value_t = 12)]
+    tracks: u64,
+    /// Albums per artist.
+    #[arg(long, default_value_t = 8)]
+    albums: u64,
+    /// Top directory of the library.
+    #[arg(long, default_value = "library")]
+    top: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the library.
+    Create {
+        #[command(flatten)]
+        shape: Shape,
+        /// Artists created concurrently (each with its albums at once).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
+    /// Measure lookup latency of random tracks.
+    Stat {
+        #[command(flatten)]
+        shape: Shape,
+        #[arg(long, default_value_t = 10_000)]
+        samples: u64,
+    },
+}
+
+fn names(shape: &Shape, album: u64) -> (String, String) {
+    let artist = album / shape.albums;
+    (
+        format!("Artist {artist:06}"),
+        format!("Album {:03}", album % shape.albums),
+    )
+}
+
+async fn connect(addrs: &str) -> Result<Arc<Fs>> {
+    let mut cfg = ClusterConfig::new(parse_seeds(addrs)?);
+    cfg.deadline = Duration::from_secs(120);
+    Ok(Fs::new(Cluster::connect(cfg).await?, 16 << 20))
+}
+
+/// `name` in `parent`, created if missing.
+async fn dir(fs: &Fs, parent: u64, name: &str) -> Result<u64> {
+    match fs
+        .create(
+            parent,
+            name.as_bytes(),
+            FileKind::Directory,
+            0o755,
+            0,
+            0,
+            0,
+            b"",
+        )
+        .await
+    {
+        Ok(a) => Ok(a.ino),
+        Err(e) if e.code() == Some(ErrorCode::Exists) => {
+            Ok(fs.lookup(parent, name.as_bytes()).await?.ino)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn create(shape: Shape, parallel: usize) -> Result<()> {
+    let fs = connect(&shape.cluster).await?;
+    let top = dir(&fs, ROOT_INO, &shape.top).await?;
+    let albums = shape.files.div_ceil(shape.tracks);
+    let artists = albums.div_ceil(shape.albums);
+    let start = Instant::now();
+    // Artist directories first (a bulk create in the top directory).
+    let mut artist_ino = Vec::with_capacity(artists as usize);
+    for first in (0..artists).step_by(1024) {
+        let batch: Vec<NewEntry> = (first..(first + 1024).min(artists))
+            .map(|a| NewEntry {
+                name: format!("Artist {a:06}").into_bytes(),
+                kind: FileKind::Directory,
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+            })
+            .collect();
+        for (i, r) in fs.create_many(top, &batch).await?.into_iter().enumerate() {
+            artist_ino.push(match r {
+                Ok(a) => a.ino,
+                Err(e) if e.code() == Some(ErrorCode::Exists) => {
+                    fs.lookup(top, &batch[i].name).await?.ino
+                }
+                Err(e) => return Err(e.into()),
+            });
+        }
+    }
+    let artist_ino = Arc::new(artist_ino);
+    let done = Arc::new(AtomicU64::new(0));
+    let reporter = {
+        let done = done.clone();
+        let total = shape.files;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let n = done.load(Ordering::Relaxed);
+                let s = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "[{s:>7.0}s] {n} / {total} tracks, {:.0} creates/s",
+                    n as f64 / s
+                );
+            }
+        })
+    };
+    // Per artist: its album directories in one batch (one cross-shard
+    // transaction), then each album's tracks in one batch, concurrently.
+    let results: Vec<Result<()>> = stream::iter(0..artists)
+        .map(|artist| {
+            let (fs, shape, artist_ino, done) =
+                (fs.clone(), shape.clone(), artist_ino.clone(), done.clone());
+            async move {
+                let parent = artist_ino[artist as usize];
+                let first_album = artist * shape.albums;
+                let last_album = (first_album + shape.albums).min(albums);
+                let dirs: Vec<NewEntry> = (first_album..last_album)
+                    .map(|album| NewEntry {
+                        name: names(&shape, album).1.into_bytes(),
+                        kind: FileKind::Directory,
+                        perm: 0o755,
+                        uid: 0,
+                        gid: 0,
+                    })
+                    .collect();
+                let mut album_ino = Vec::with_capacity(dirs.len());
+                for (i, r) in fs.create_many(parent, &dirs).await?.into_iter().enumerate() {
+                    album_ino.push(match r {
+                        Ok(a) => a.ino,
+                        Err(e) if e.code() == Some(ErrorCode::Exists) => {
+                            fs.lookup(parent, &dirs[i].name).await?.ino
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
+                }
+                let albums_done =
+                    futures::future::try_join_all((first_album..last_album).zip(album_ino).map(
+                        |(album, ino)| {
+                            let (fs, done) = (fs.clone(), done.clone());
+                            let first = album * shape.tracks;
+                            let last = (first + shape.tracks).min(shape.files);
+                            async move {
+                                let tracks: Vec<NewEntry> = (first..last)
+                                    .map(|t| NewEntry {
+                                        name: format!("{:02} Track {t}.flac", t - first + 1)
+                                            .into_bytes(),
+                                        kind: FileKind::Regular,
+                                        perm: 0o644,
+                                        uid: 0,
+                                        gid: 0,
+                                    })
+                                    .collect();
+                                for r in fs.create_many(ino, &tracks).await? {
+                                    match r {
+                                        Ok(_) => {}
+                                        Err(e) if e.code() == Some(ErrorCode::Exists) => {}
+                                        Err(e) => return Err(anyhow::Error::from(e)),
+                                    }
+                                }
+                                done.fetch_add(last - first, Ordering::Relaxed);
+                                Ok(())
+                            }
+                        },
+                    ))
+                    .await;
+                albums_done.map(|_| ())
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    reporter.abort();
+    for r in results {
+        r?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "files": shape.files,
+            "albums": albums,
+            "artists": artists,
+            "seconds": secs,
+            "creates_per_sec": shape.files as f64 / secs,
+        })
+    );
+    Ok(())
+}
+
+async fn stat(shape: Shape, samples: u64) -> Result<()> {
+    let fs = connect(&shape.cluster).await?;
+    let top = fs.lookup(ROOT_INO, shape.top.as_bytes()).await?.ino;
+    let albums = shape.files.div_ceil(shape.tracks);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut lat = Vec::with_capacity(samples as usize);
+    for _ in 0..samples {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let album = x % albums;
+        let (artist, album_name) = names(&shape, album);
+        let a = fs.lookup(top, artist.as_bytes()).await?.ino;
+        let b = fs.lookup(a, album_name.as_bytes()).await?.ino;
+        let first = album * shape.tracks;
+        let t = first + (x >> 32) % shape.tracks.min(shape.files - first);
+        let name = format!("{:02} Track {t}.flac", t - first + 1);
+        let start = Instant::now();
+        fs.lookup(b, name.as_bytes())
+            .await
+            .with_context(|| format!("{artist}/{album_name}/{name}"))?;
+        lat.push(start.elapsed());
+    }
+    if lat.is_empty() {
+        bail!("no samples");
+    }
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "samples": lat.len(),
+            "p50_ms": p(0.50),
+            "p99_ms": p(0.99),
+            "max_ms": p(1.0),
+        })
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Args::parse().cmd {
+        Cmd::Create { shape, parallel } => create(shape, parallel).await,
+        Cmd::Stat { shape, samples } => stat(shape, samples).await,
+    }
+}

@@ -1,0 +1,303 @@
+//! A node's way to any group's leader: locally when this node leads the
+//! group, otherwise over gRPC to the leader its Raft metrics name, following
+//! `NotLeader` hints and retrying transient failures with backoff until a
+//! deadline. Used by the cross-shard coordinator and the recovery loop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use proto::meta::meta_service_client::MetaServiceClient;
+use proto::meta::{
+    command::Op, query::Q, Command, CommandResult, Error as WireError, ErrorCode, ProposeRequest,
+    Query, QueryRequest, QueryResult, Timespec,
+};
+use proto::{FORMAT_VERSION, MAX_MESSAGE_BYTES};
+use raft::{GroupError, KvView, Registry};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::app::ViewKv;
+use crate::coordinator::Groups;
+use crate::namespace::Namespace;
+
+/// Maps a Raft group error to the wire.
+pub fn group_error(e: GroupError) -> WireError {
+    match e {
+        GroupError::NotLeader {
+            leader_id,
+            leader_addr,
+            group,
+        } => {
+            let mut w = WireError::new(
+                ErrorCode::NotLeader,
+                format!("not the leader of group {group}"),
+            );
+            w.leader_id = leader_id.unwrap_or(0);
+            w.leader_addr = leader_addr.unwrap_or_default();
+            w
+        }
+        GroupError::UnknownGroup(g) => WireError::new(
+            ErrorCode::Unavailable,
+            format!("group {g} is not hosted here"),
+        ),
+        e => WireError::new(ErrorCode::Unavailable, e.to_string()),
+    }
+}
+
+/// Proposes `cmd` to `group` on this node (which must lead it).
+pub async fn propose_local(registry: &Registry, group_id: u32, mut cmd: Command) -> CommandResult {
+    let Some(group) = registry.group(group_id) else {
+        return CommandResult {
+            error: Some(WireError::new(
+                ErrorCode::Unavailable,
+                format!("group {group_id} is not hosted on this node"),
+            )),
+            ..Default::default()
+        };
+    };
+    // The leader's clock stamps the command, so every replica applies the same time.
+    cmd.now = Some(Timespec::now());
+    cmd.version = cmd.version.max(1);
+    match group.propose(Bytes::from(cmd.encode_to_vec())).await {
+        Ok(reply) => CommandResult::decode(reply).unwrap_or_else(|e| CommandResult {
+            error: Some(WireError::new(
+                ErrorCode::Internal,
+                format!("undecodable reply: {e}"),
+            )),
+            ..Default::default()
+        }),
+        Err(e) => CommandResult {
+            error: Some(group_error(e)),
+            ..Default::default()
+        },
+    }
+}
+
+/// A linearizable query of `group` on this node (which must lead it).
+pub async fn query_local(registry: &Registry, group_id: u32, q: Q) -> QueryResult {
+    let fail = |e: WireError| QueryResult {
+        error: Some(e),
+        ..Default::default()
+    };
+    let Some(group) = registry.group(group_id) else {
+        return fail(WireError::new(
+            ErrorCode::Unavailable,
+            format!("group {group_id} is not hosted on this node"),
+        ));
+    };
+    if let Err(e) = group.read_barrier().await {
+        return fail(group_error(e));
+    }
+    let store = registry.store().clone();
+    let query = Query { q: Some(q) };
+    let res = tokio::task::spawn_blocking(move || {
+        let view = KvView::new(&store);
+        Namespace::new(group_id).query(&ViewKv(&view), &query)
+    })
+    .await;
+    match res {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => fail(e.to_wire()),
+        Err(e) => fail(WireError::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+pub struct Router {
+    registry: Arc<Registry>,
+    channels: Mutex<HashMap<String, Channel>>,
+    deadline: Duration,
+}
+
+fn retryable(e: &WireError) -> bool {
+    matches!(e.code(), ErrorCode::NotLeader | ErrorCode::Unavailable)
+}
+
+impl Router {
+    pub fn new(registry: Arc<Registry>, deadline: Duration) -> Arc<Self> {
+        Arc::new(Router {
+            registry,
+            channels: Mutex::new(HashMap::new()),
+            deadline,
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn client(&self, addr: &str) -> Result<MetaServiceClient<Channel>, WireError> {
+        let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let ch = match chans.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let ch = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(10))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                chans.insert(addr.to_string(), ch.clone());
+                ch
+            }
+        };
+        Ok(MetaServiceClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Where the group's leader is, as this node's replica knows it:
+    /// `None` for here, else its address.
+    fn leader(&self, group: u32, hint: Option<&WireError>) -> Result<Option<String>, WireError> {
+        if let Some(h) = hint {
+            if h.leader_id != 0 && !h.leader_addr.is_empty() {
+                if h.leader_id == self.registry.node_id() {
+                    return Ok(None);
+                }
+                return Ok(Some(h.leader_addr.clone()));
+            }
+        }
+        let g = self.registry.group(group).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::Unavailable,
+                format!("group {group} is not hosted on this node"),
+            )
+        })?;
+        let st = g.status();
+        match st.leader {
+            Some(l) if l == self.registry.node_id() => Ok(None),
+            Some(l) => st
+                .nodes
+                .iter()
+                .find(|(id, _)| *id == l)
+                .map(|(_, a)| Some(a.clone()))
+                .ok_or_else(|| {
+                    WireError::new(ErrorCode::Unavailable, format!("leader {l} has no address"))
+                }),
+            None => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("group {group} has no leader"),
+            )),
+        }
+    }
+
+    async fn retry<T, F, Fut>(&self, group: u32, call: F) -> Result<T, WireError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, WireError>>,
+    {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        let mut hint: Option<WireError> = None;
+        let mut hints_in_a_row = 0u32;
+        loop {
+            let res = match self.leader(group, hint.as_ref()) {
+                Ok(target) => call(target).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) && start.elapsed() < self.deadline => {
+                    let hinted = e.code() == ErrorCode::NotLeader && e.leader_id != 0;
+                    hint = Some(e).filter(|_| hinted);
+                    hints_in_a_row = if hinted { hints_in_a_row + 1 } else { 0 };
+                    // Follow a fresh hint at once; back off when there is
+                    // none or hints go in circles (an election).
+                    if !hinted || hints_in_a_row > 2 {
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 10);
+                        tokio::time::sleep(delay + jitter).await;
+                        delay = (delay * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn rpc_err(addr: &str, s: tonic::Status) -> WireError {
+    WireError::new(ErrorCode::Unavailable, format!("{addr}: {}", s.message()))
+}
+
+/// A node's own command (no client request id: not deduplicated).
+pub fn internal_command(op: Op) -> Command {
+    Command {
+        version: FORMAT_VERSION,
+        now: Some(Timespec::now()),
+        client_id: 0,
+        request_seq: 0,
+        acked_below: 0,
+        op: Some(op),
+    }
+}
+
+/// A reply whose wire error becomes the `Err` side.
+trait Reply: Sized {
+    fn take_error(&mut self) -> Option<WireError>;
+    fn into_result(mut self) -> Result<Self, WireError> {
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(self),
+        }
+    }
+}
+
+impl Reply for CommandResult {
+    fn take_error(&mut self) -> Option<WireError> {
+        self.error.take()
+    }
+}
+
+impl Reply for QueryResult {
+    fn take_error(&mut self) -> Option<WireError> {
+        self.error.take()
+    }
+}
+
+impl Groups for Router {
+    async fn propose(&self, group: u32, op: Op) -> Result<CommandResult, WireError> {
+        let cmd = internal_command(op);
+        self.retry(group, |target| {
+            let cmd = cmd.clone();
+            async move {
+                let r = match target {
+                    None => propose_local(&self.registry, group, cmd).await,
+                    Some(addr) => self
+                        .client(&addr)?
+                        .propose(ProposeRequest {
+                            group_id: group,
+                            command: Some(cmd),
+                        })
+                        .await
+                        .map_err(|s| rpc_err(&addr, s))?
+                        .into_inner(),
+                };
+                r.into_result()
+            }
+        })
+        .await
+    }
+
+    async fn query(&self, group: u32, q: Q) -> Result<QueryResult, WireError> {
+        self.retry(group, |target| {
+            let q = q.clone();
+            async move {
+                let r = match target {
+                    None => query_local(&self.registry, group, q).await,
+                    Some(addr) => self
+                        .client(&addr)?
+                        .query(QueryRequest {
+                            group_id: group,
+                            query: Some(Query { q: Some(q) }),
+                        })
+                        .await
+                        .map_err(|s| rpc_err(&addr, s))?
+                        .into_inner(),
+                };
+                r.into_result()
+            }
+        })
+        .await
+    }
+}
