@@ -9,37 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 FILES=${2:-10000}
-BIN=${CARGO_TARGET_DIR:-$HOME/.cache/musicfs/target}/release
-work=$(mktemp -d /var/tmp/musicfs-bench.XXXXXX)
-pids=()
-mount_pid=""
-cleanup() {
-  [ -n "$mount_pid" ] && kill -TERM "$mount_pid" 2>/dev/null && wait "$mount_pid" 2>/dev/null || true
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  mountpoint -q "$work/mnt" 2>/dev/null && umount -l "$work/mnt"
-  rm -rf "$work" /dev/shm/musicfs-bench.bin
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-peers=""; seeds=""
-for i in 1 2 3; do
-  port=$(free_port)
-  "$BIN/musicfs-node" --id $i --listen 127.0.0.1:$port --data "$work/node$i" 2>"$work/node$i.log" &
-  pids+=($!)
-  peers="$peers${peers:+,}$i=127.0.0.1:$port"; seeds="$seeds${seeds:+,}127.0.0.1:$port"
-done
-# Nodes take a moment to listen; init refuses until all answer.
-for _ in $(seq 1 150); do "$BIN/musicfs" cluster init --peers "$peers" >/dev/null 2>&1 && break; sleep 0.2; done
-"$BIN/musicfs" status --cluster "$seeds" >/dev/null
-mkdir -p "$work/mnt" "$work/local"
-start_mount() {
-  "$BIN/musicfs" mount --cluster "$seeds" "$work/mnt" 2>>"$work/mount.log" &
-  mount_pid=$!
-  for _ in $(seq 1 200); do mountpoint -q "$work/mnt" && return; sleep 0.1; done
-  echo "mount did not appear" >&2; exit 1
-}
+. benches/lib/cluster.sh
+start_cluster 16
+mkdir -p "$work/local"
 stop_mount() { kill -TERM "$mount_pid"; wait "$mount_pid" || true; mount_pid=""; }
 mibs() { python3 -c "print(round($SIZE_MIB / $1))"; }
 timed() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); python3 -c "print($t1 - $t0)"; }

@@ -9,35 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${1:-1000000}
-BIN=${CARGO_TARGET_DIR:-$HOME/.cache/musicfs/target}/release
-work=$(mktemp -d /var/tmp/musicfs-scale.XXXXXX)
-declare -A pid
-mount_pid=""
-cleanup() {
-  [ -n "$mount_pid" ] && kill -TERM "$mount_pid" 2>/dev/null && wait "$mount_pid" 2>/dev/null || true
-  for i in "${!pid[@]}"; do kill -TERM "${pid[$i]}" 2>/dev/null || true; done
-  for i in "${!pid[@]}"; do wait "${pid[$i]}" 2>/dev/null || true; done
-  mountpoint -q "$work/mnt" 2>/dev/null && umount -l "$work/mnt"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-declare -A port
-peers=""; seeds=""
-for i in 1 2 3; do port[$i]=$(free_port); done
-start_node() {
-  "$BIN/musicfs-node" --id "$1" --listen "127.0.0.1:${port[$1]}" --data "$work/node$1" 2>>"$work/node$1.log" &
-  pid[$1]=$!
-}
-for i in 1 2 3; do
-  start_node $i
-  peers="$peers${peers:+,}$i=127.0.0.1:${port[$i]}"; seeds="$seeds${seeds:+,}127.0.0.1:${port[$i]}"
-done
-for _ in $(seq 1 150); do "$BIN/musicfs" cluster init --groups 16 --peers "$peers" >/dev/null 2>&1 && break; sleep 0.2; done
-"$BIN/musicfs" status --cluster "$seeds" >/dev/null
-rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
-hwm() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+. benches/lib/cluster.sh
+start_cluster 16
 seeds12="127.0.0.1:${port[1]},127.0.0.1:${port[2]}"
 
 # Node 3 is down during the load.
@@ -66,10 +39,7 @@ echo "== lookup latency at $FILES tracks"
 "$BIN/musicfs-load" stat --cluster "$seeds" --files "$FILES" --samples 10000
 
 echo "== creates through the FUSE mount"
-mkdir -p "$work/mnt"
-"$BIN/musicfs" mount --cluster "$seeds" "$work/mnt" 2>>"$work/mount.log" &
-mount_pid=$!
-for _ in $(seq 1 200); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
+start_mount
 for threads in 1 8; do
   python3 - "$work/mnt/fuse-$threads" "$threads" 2000 <<'EOF'
 import os, sys, threading, time

@@ -229,10 +229,16 @@ fn check_mountpoint(p: &Path) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `n` distinct free ports: the listeners stay open until all are chosen,
+/// so the kernel cannot hand the same port out twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 /// Stops the dev nodes when dropped, whatever way `dev` returns.
@@ -282,7 +288,7 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     } else if base_port != 0 {
         vec![base_port, base_port + 1, base_port + 2]
     } else {
-        vec![free_port()?, free_port()?, free_port()?]
+        free_ports(3)?
     };
     std::fs::write(
         &ports_file,

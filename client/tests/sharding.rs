@@ -312,15 +312,22 @@ fn remote_name(prefix: &str, groups: u32) -> String {
 }
 
 /// The node that coordinates a mkdir in the root (the leader of group 0)
-/// dies at a step of the transaction: before the decision (recovery must
-/// undo the prepared intents; the client's retry then succeeds) and after
-/// it (recovery must finish it; the retry gets the recorded reply). Either
-/// way the directory exists exactly once and every invariant holds.
+/// dies at each step of the transaction: between its two prepares and
+/// before the decision (recovery must undo the prepared intents; the
+/// client's retry then succeeds), after the decision and after resolving
+/// (recovery must finish it; the retry gets the recorded reply). Each time
+/// the directory exists exactly once and every invariant holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_coordinator_crash_at_either_side_of_the_decision_is_recovered() {
+async fn a_coordinator_crash_at_any_step_is_recovered() {
     let mut c = TestCluster::start(3, &[]).await;
     c.init_groups(4).await;
-    for (round, point) in ["txn_before_decide", "txn_after_decide"].iter().enumerate() {
+    let points = [
+        "txn_mkdir_between_prepares",
+        "txn_before_decide",
+        "txn_after_decide",
+        "txn_after_resolve",
+    ];
+    for (round, point) in points.iter().enumerate() {
         // Group 0 is led by its preferred node, node 1 (index 0).
         node1_leads_group0(&c).await;
         // Restart node 1 with the failure point armed.

@@ -99,6 +99,11 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
     let mut queued: HashMap<(u32, u32), u64> = HashMap::new();
     let mut applied: HashMap<(u32, u32), u64> = HashMap::new();
     let mut problems = Vec::new();
+    // Per group: intent and decision records seen, and the counts kept.
+    let mut seen: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut kept: HashMap<u32, proto::meta::PendingRecord> = HashMap::new();
+    let mut acked: HashMap<(u32, u32), u64> = HashMap::new();
+    let mut lowest_queued: HashMap<(u32, u32), u64> = HashMap::new();
     for g in 0..count {
         for_each(kv, g, |k, v| {
             let tag = k.get(4).copied().unwrap_or(0);
@@ -150,6 +155,7 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                     Err(e) => problems.push(bad("group record", e)),
                 },
                 keys::INTENT => {
+                    seen.entry(g).or_default().0 += 1;
                     r.open_intents += 1;
                     problems.push(format!("group {g}: intent {:x} left open", u64_at(rest, 0)));
                 }
@@ -157,19 +163,31 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                 // decision is forgotten once every participant applied it.
                 keys::DECISION => match proto::meta::DecisionRecord::decode(v) {
                     Ok(d) if d.commit => {
+                        seen.entry(g).or_default().1 += 1;
                         r.open_intents += 1;
                         problems.push(format!(
                             "group {g}: commit of {:x} not yet applied everywhere",
                             u64_at(rest, 0)
                         ));
                     }
-                    Ok(_) => {}
+                    Ok(_) => seen.entry(g).or_default().1 += 1,
                     Err(e) => problems.push(bad("decision", e)),
                 },
+                keys::PENDING => match proto::meta::PendingRecord::decode(v) {
+                    Ok(p) => {
+                        kept.insert(g, p);
+                    }
+                    Err(e) => problems.push(bad("pending counts", e)),
+                },
+                keys::OUT_ACKED => {
+                    acked.insert((g, u32_at(rest)), u64_at(v, 0));
+                }
                 keys::LOCK => problems.push(format!("group {g}: a lock is left")),
                 keys::OUTBOX => {
                     r.queued_ref_batches += 1;
                     *queued.entry((g, u32_at(rest))).or_default() += 1;
+                    let low = lowest_queued.entry((g, u32_at(rest))).or_insert(u64::MAX);
+                    *low = (*low).min(u64_at(rest, 4));
                     problems.push(format!("group {g}: a chunk reference batch is undelivered"));
                 }
                 keys::OUT_SEQ => {
@@ -181,6 +199,26 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                 _ => {}
             }
         })?;
+    }
+    // The counts the recovery loop trusts to skip its scans.
+    for g in 0..count {
+        let (intents, decisions) = seen.get(&g).copied().unwrap_or_default();
+        let p = kept.remove(&g).unwrap_or_default();
+        if (p.intents, p.decisions) != (intents, decisions) {
+            problems.push(format!(
+                "group {g}: counts {} intents and {} decisions, holds {intents} and {decisions}",
+                p.intents, p.decisions
+            ));
+        }
+    }
+    for (pair, low) in &lowest_queued {
+        let a = acked.get(pair).copied().unwrap_or(0);
+        if *low <= a {
+            problems.push(format!(
+                "group {}: batch {low} to group {} kept after acknowledgement up to {a}",
+                pair.0, pair.1
+            ));
+        }
     }
     r.inodes = inodes.len() as u64;
     r.entries = dirents.len() as u64;

@@ -175,6 +175,11 @@ pub mod keys {
     pub const OUTBOX: u8 = b'O';
     pub const OUT_SEQ: u8 = b'Q';
     pub const WATERMARK: u8 = b'W';
+    /// The last outbox sequence acknowledged per target: reads start past
+    /// it instead of stepping over the deleted batches before it.
+    pub const OUT_ACKED: u8 = b'A';
+    /// Counts of open intents and decisions (`PendingRecord`).
+    pub const PENDING: u8 = b'P';
     /// The key the directory-rename lock is taken on (group 0).
     pub const RENAME_LOCK: &[u8] = b"Zrename";
 
@@ -274,9 +279,6 @@ pub mod keys {
         k.extend_from_slice(&target.to_be_bytes());
         k
     }
-    pub fn outbox_all(group: u32) -> Vec<u8> {
-        tagged(group, OUTBOX, 0)
-    }
     pub fn outbox(group: u32, target: u32, seq: u64) -> Vec<u8> {
         let mut k = outbox_prefix(group, target);
         k.extend_from_slice(&seq.to_be_bytes());
@@ -286,6 +288,17 @@ pub mod keys {
         let mut k = tagged(group, OUT_SEQ, 4);
         k.extend_from_slice(&target.to_be_bytes());
         k
+    }
+    pub fn out_seq_prefix(group: u32) -> Vec<u8> {
+        tagged(group, OUT_SEQ, 0)
+    }
+    pub fn out_acked(group: u32, target: u32) -> Vec<u8> {
+        let mut k = tagged(group, OUT_ACKED, 4);
+        k.extend_from_slice(&target.to_be_bytes());
+        k
+    }
+    pub fn pending(group: u32) -> Vec<u8> {
+        tagged(group, PENDING, 0)
     }
     pub fn watermark(group: u32, source: u32) -> Vec<u8> {
         let mut k = tagged(group, WATERMARK, 4);
@@ -606,10 +619,7 @@ impl Namespace {
             Op::TxnPrepare(op) => self.txn_prepare(txn, op, now),
             Op::TxnDecide(op) => self.txn_decide(txn, op, now),
             Op::TxnResolve(op) => self.txn_resolve(txn, op.txid, op.commit, now),
-            Op::TxnForget(op) => {
-                txn.delete(keys::decision(self.group, op.txid));
-                Ok(CommandResult::default())
-            }
+            Op::TxnForget(op) => self.txn_forget(txn, op.txid),
             Op::TxnGc(op) => self.txn_gc(txn, op),
             Op::DeliverRefs(op) => self.deliver_refs(txn, op, now),
             Op::AckRefs(op) => self.ack_refs(txn, op),

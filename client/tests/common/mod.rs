@@ -18,11 +18,23 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A free port never handed out before in this test process: the kernel may
+/// return a just-released port again, and two nodes of one test (or of two
+/// tests running side by side) must not be given the same address.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("port list");
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh free port after 1000 tries");
 }
 
 /// Polls `f` until it returns `Some`, or panics naming `what` after `limit`.
@@ -125,17 +137,26 @@ impl TestCluster {
         n.child = Some(child);
     }
 
-    pub async fn wait_up(&self, i: usize) {
+    /// Waits until node `i` answers on its address as itself; panics with
+    /// its log if it exits first (e.g. its port was taken).
+    pub async fn wait_up(&mut self, i: usize) {
         let addr = self.nodes[i].addr.clone();
-        wait_for(
-            &format!("node {} to listen", self.nodes[i].id),
-            Duration::from_secs(30),
-            || {
-                let addr = addr.clone();
-                async move { admin::node_status(&addr).await.ok() }
-            },
-        )
-        .await;
+        let id = self.nodes[i].id;
+        let start = Instant::now();
+        loop {
+            if let Ok(st) = admin::node_status(&addr).await {
+                assert_eq!(st.node_id, id, "another node answers on {addr}");
+                return;
+            }
+            if self.exited(i) {
+                panic!("node {id} exited at start:\n{}", self.log_of(i));
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out after 30s waiting for node {id} to listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Initialises the cluster with four metadata groups, so tests cross

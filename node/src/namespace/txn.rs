@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use proto::meta::{
     sub_op::S, AckRefsOp, AddEntrySub, Attr, ChunkDelta, CommandResult, DecisionRecord,
-    DeliverRefsOp, DirentRecord, FileKind, IntentRecord, LinkSub, OutboxRecord, RefBatch,
-    RemoveEntrySub, SubOp, Timespec, TxnDecideOp, TxnGcOp, TxnPrepareOp, TxnState,
+    DeliverRefsOp, DirentRecord, FileKind, IntentRecord, LinkSub, OutboxRecord, PendingRecord,
+    RefBatch, RemoveEntrySub, SubOp, Timespec, TxnDecideOp, TxnGcOp, TxnPrepareOp, TxnState,
 };
 use proto::ChunkId;
 
@@ -140,6 +140,7 @@ impl Namespace {
             prepared: out.clone(),
         };
         txn.put(ikey, &rec);
+        self.count_pending(txn, |p| p.intents += 1)?;
         Ok(CommandResult {
             prepared: out,
             ..Default::default()
@@ -273,6 +274,7 @@ impl Namespace {
             return Ok(CommandResult::default());
         };
         let rec: IntentRecord = decode(&ikey, &b)?;
+        self.count_pending(txn, |p| p.intents = p.intents.saturating_sub(1))?;
         let ns = Namespace::resolver(self.group, txid);
         for sub in &rec.subs {
             let Some(s) = &sub.s else { continue };
@@ -419,6 +421,7 @@ impl Namespace {
                 decided_at: Some(now),
             },
         );
+        self.count_pending(txn, |p| p.decisions += 1)?;
         if out.txn_state == TxnState::TxnDuplicate as i32 {
             return Ok(out);
         }
@@ -430,6 +433,40 @@ impl Namespace {
         Ok(decided(commit))
     }
 
+    /// Drops a decision every participant has applied.
+    pub(super) fn txn_forget<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        txid: u64,
+    ) -> Result<CommandResult, NsError> {
+        let dkey = keys::decision(self.group, txid);
+        if txn.get(&dkey)?.is_some() {
+            txn.delete(dkey);
+            self.count_pending(txn, |p| p.decisions = p.decisions.saturating_sub(1))?;
+        }
+        Ok(CommandResult::default())
+    }
+
+    /// This group's counts of open transaction records.
+    pub fn pending_counts<R: KvRead + ?Sized>(&self, kv: &R) -> Result<PendingRecord, NsError> {
+        let key = keys::pending(self.group);
+        Ok(match kv.get(&key)? {
+            Some(b) => decode(&key, &b)?,
+            None => PendingRecord::default(),
+        })
+    }
+
+    fn count_pending<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        f: impl FnOnce(&mut PendingRecord),
+    ) -> Result<(), NsError> {
+        let mut p = self.pending_counts(txn)?;
+        f(&mut p);
+        txn.put(keys::pending(self.group), &p);
+        Ok(())
+    }
+
     /// Drops tombstones older than `op.before`, oldest first (a bounded
     /// number per call).
     pub(super) fn txn_gc<R: KvRead + ?Sized>(
@@ -439,13 +476,20 @@ impl Namespace {
     ) -> Result<CommandResult, NsError> {
         let before = op.before.unwrap_or_default();
         let prefix = keys::tombstone_age_prefix(self.group);
-        for (k, _) in txn.scan(&prefix, &[], 4096)? {
+        let mut pending = self.pending_counts(txn)?;
+        let mut floor = None;
+        for (k, _) in txn.scan(&prefix, &pending.tombstone_floor, 4096)? {
             let sec = (u64_at(&k, prefix.len()) ^ (1 << 63)) as i64;
             if sec >= before.sec {
                 break;
             }
             txn.delete(keys::tombstone(self.group, u64_at(&k, prefix.len() + 8)));
+            floor = Some(k[prefix.len()..].to_vec());
             txn.delete(k);
+        }
+        if let Some(f) = floor {
+            pending.tombstone_floor = f.into();
+            txn.put(keys::pending(self.group), &pending);
         }
         Ok(CommandResult::default())
     }
@@ -457,8 +501,9 @@ impl Namespace {
         before: &Timespec,
     ) -> Result<bool, NsError> {
         let prefix = keys::tombstone_age_prefix(self.group);
+        let floor = self.pending_counts(kv)?.tombstone_floor;
         Ok(kv
-            .scan(&prefix, &[], 1)?
+            .scan(&prefix, &floor, 1)?
             .first()
             .is_some_and(|(k, _)| ((u64_at(k, prefix.len()) ^ (1 << 63)) as i64) < before.sec))
     }
@@ -550,15 +595,25 @@ impl Namespace {
         txn: &mut Txn<'_, R>,
         op: &AckRefsOp,
     ) -> Result<CommandResult, NsError> {
-        let prefix = keys::outbox_prefix(self.group, op.target);
-        let rows = txn.scan(&prefix, &[], MAX_DELIVERY_BATCHES * 4)?;
-        for (k, _) in rows {
-            if u64_at(&k, prefix.len()) <= op.upto {
-                txn.delete(k);
-            } else {
-                break;
-            }
+        // Blind deletes from the last acknowledged sequence: no scan steps
+        // over batches dropped before.
+        let akey = keys::out_acked(self.group, op.target);
+        let acked = txn.get(&akey)?.map(|b| u64_at(&b, 0)).unwrap_or(0);
+        let next = txn
+            .get(&keys::out_seq(self.group, op.target))?
+            .map(|b| u64_at(&b, 0))
+            .unwrap_or(1);
+        let upto = op
+            .upto
+            .min(next.saturating_sub(1))
+            .min(acked + (MAX_DELIVERY_BATCHES * 4) as u64);
+        if upto <= acked {
+            return Ok(CommandResult::default());
         }
+        for seq in acked + 1..=upto {
+            txn.delete(keys::outbox(self.group, op.target, seq));
+        }
+        txn.put_raw(akey, upto.to_be_bytes().to_vec());
         Ok(CommandResult::default())
     }
 
@@ -572,6 +627,9 @@ impl Namespace {
     ) -> Result<Vec<IntentInfo>, NsError> {
         let prefix = keys::intent_prefix(self.group);
         let mut out = Vec::new();
+        if self.pending_counts(kv)?.intents == 0 {
+            return Ok(out);
+        }
         for (k, v) in kv.scan(&prefix, &[], limit)? {
             let rec: IntentRecord = decode(&k, &v)?;
             out.push(IntentInfo {
@@ -591,6 +649,9 @@ impl Namespace {
     ) -> Result<Vec<DecisionInfo>, NsError> {
         let prefix = keys::decision_prefix(self.group);
         let mut out = Vec::new();
+        if self.pending_counts(kv)?.decisions == 0 {
+            return Ok(out);
+        }
         for (k, v) in kv.scan(&prefix, &[], limit)? {
             let rec: DecisionRecord = decode(&k, &v)?;
             out.push(DecisionInfo {
@@ -609,27 +670,27 @@ impl Namespace {
         kv: &R,
         per_target: usize,
     ) -> Result<Vec<OutboxInfo>, NsError> {
-        let all = keys::outbox_all(self.group);
         let mut out: BTreeMap<u32, Vec<RefBatch>> = BTreeMap::new();
-        let mut after: Vec<u8> = Vec::new();
-        // One seek per target: take its first batches, then skip past it.
-        loop {
-            let rows = kv.scan(&all, &after, 1)?;
-            let Some((k, _)) = rows.into_iter().next() else {
-                break;
-            };
-            let target = u32_at(&k, all.len());
+        // Every target ever queued to has a next-sequence key (never
+        // deleted, at most one per group); read past what it acknowledged.
+        let seqs = keys::out_seq_prefix(self.group);
+        for (k, v) in kv.scan(&seqs, &[], usize::MAX)? {
+            let target = u32_at(&k, seqs.len());
+            let next = u64_at(&v, 0);
+            let acked = kv
+                .get(&keys::out_acked(self.group, target))?
+                .map(|b| u64_at(&b, 0))
+                .unwrap_or(0);
+            if next <= acked + 1 {
+                continue;
+            }
             let prefix = keys::outbox_prefix(self.group, target);
-            for (k, v) in kv.scan(&prefix, &[], per_target)? {
+            for (k, v) in kv.scan(&prefix, &acked.to_be_bytes(), per_target)? {
                 let rec: OutboxRecord = decode(&k, &v)?;
                 out.entry(target).or_default().push(RefBatch {
                     seq: u64_at(&k, prefix.len()),
                     deltas: rec.deltas,
                 });
-            }
-            after = (target + 1).to_be_bytes().to_vec();
-            if target == u32::MAX {
-                break;
             }
         }
         Ok(out
