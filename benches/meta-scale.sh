@@ -5,11 +5,15 @@
 # and the time it takes to catch up is measured. Reports creates/s (bulk),
 # creates/s through the FUSE mount with 1 and 8 threads, lookup latency
 # p50/p99 at that size, each node's RSS, and bytes on disk per file per
-# replica. Usage: benches/meta-scale.sh [FILES] (as root; docs/BENCHMARKS.md)
+# replica; then stops MusicFS and runs the same FUSE create script on a
+# GlusterFS replica-3 volume (installed from apt if missing), the peer the
+# targets are set against. Usage: benches/meta-scale.sh [FILES] (as root;
+# docs/BENCHMARKS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${1:-1000000}
 . benches/lib/cluster.sh
+. benches/lib/gluster.sh
 start_cluster 16
 seeds12="127.0.0.1:${port[1]},127.0.0.1:${port[2]}"
 
@@ -17,7 +21,7 @@ seeds12="127.0.0.1:${port[1]},127.0.0.1:${port[2]}"
 sleep 3
 kill -KILL "${pid[3]}"; wait "${pid[3]}" 2>/dev/null || true; unset 'pid[3]'
 echo "== bulk create of $FILES tracks (node 3 down)"
-"$BIN/musicfs-load" create --cluster "$seeds12" --files "$FILES" --parallel 4 | tee "$work/create.json"
+"$BIN/musicfs-load" create --cluster "$seeds12" --files "$FILES" | tee "$work/create.json"
 
 echo "== node 3 catches up"
 t0=$(date +%s.%N)
@@ -41,21 +45,7 @@ echo "== lookup latency at $FILES tracks"
 echo "== creates through the FUSE mount"
 start_mount
 for threads in 1 8; do
-  python3 - "$work/mnt/fuse-$threads" "$threads" 2000 <<'EOF'
-import os, sys, threading, time
-root, threads, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-os.makedirs(root)
-dirs = [os.path.join(root, f"album{t}") for t in range(threads)]
-for d in dirs: os.mkdir(d)
-def work(d):
-    for i in range(per):
-        os.close(os.open(os.path.join(d, f"{i:04d}.flac"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
-ts = [threading.Thread(target=work, args=(d,)) for d in dirs]
-t = time.perf_counter()
-for x in ts: x.start()
-for x in ts: x.join()
-print(f"FUSE creates, {threads} thread(s): {threads * per / (time.perf_counter() - t):.0f}/s")
-EOF
+  python3 benches/fuse_creates.py "$work/mnt/fuse-$threads" "$threads" 2000 MusicFS
 done
 
 echo "== memory and disk"
@@ -64,3 +54,12 @@ for i in 1 2 3; do
 done
 bytes=$(du -sb "$work/node1/meta" | cut -f1)
 echo "bytes on disk per file per replica (node 1, log and snapshots included): $((bytes / FILES))"
+
+echo "== the peer, same machine, same run: GlusterFS replica 3, same FUSE create script"
+kill -TERM "$mount_pid"; wait "$mount_pid" 2>/dev/null || true; mount_pid=""
+for i in 1 2 3; do kill -TERM "${pid[$i]}"; wait "${pid[$i]}" 2>/dev/null || true; unset "pid[$i]"; done
+start_gluster "$work/gluster-mnt"
+for threads in 1 8; do
+  python3 benches/fuse_creates.py "$work/gluster-mnt/fuse-$threads" "$threads" 2000 GlusterFS
+done
+stop_gluster

@@ -7,6 +7,7 @@ work=$(mktemp -d /var/tmp/musicfs-bench.XXXXXX)
 declare -A pid port
 mount_pid=""
 cleanup() {
+  if declare -F stop_gluster >/dev/null; then stop_gluster; fi
   [ -n "$mount_pid" ] && kill -TERM "$mount_pid" 2>/dev/null && wait "$mount_pid" 2>/dev/null || true
   for i in "${!pid[@]}"; do kill -TERM "${pid[$i]}" 2>/dev/null || true; done
   for i in "${!pid[@]}"; do wait "${pid[$i]}" 2>/dev/null || true; done

@@ -5,6 +5,7 @@
 //! committed layout; writes are buffered, chunked and uploaded, and the new
 //! layout commits on flush, fsync or close.
 
+use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,8 @@ const UPLOAD_PARALLELISM: usize = 8;
 
 /// Most creates one bulk command carries (the node's limit).
 pub const BATCH_CREATES: usize = 1024;
+/// Bulk batches one `create_entries` call has in flight at once.
+const BATCHES_IN_FLIGHT: usize = 16;
 
 /// One entry of a bulk create.
 #[derive(Clone, Debug)]
@@ -264,43 +267,71 @@ impl Fs {
         Self::attr_of(r.attr)
     }
 
-    /// Creates many entries in one directory, up to 1024 per Raft entry
-    /// (the bulk path of an import). A directory that belongs in another
-    /// group is created on its own. Returns one outcome per entry, in order.
+    /// Creates many entries in one directory (see `create_entries`).
     pub async fn create_many(&self, parent: u64, items: &[NewEntry]) -> Result<Vec<Result<Attr>>> {
-        let mut out = Vec::with_capacity(items.len());
-        for batch in items.chunks(BATCH_CREATES) {
-            let creates = batch
-                .iter()
-                .map(|e| {
-                    Self::check_name(&e.name)?;
-                    Ok(CreateOp {
-                        parent,
-                        name: Bytes::copy_from_slice(&e.name),
-                        kind: e.kind as i32,
-                        perm: e.perm,
-                        uid: e.uid,
-                        gid: e.gid,
-                        rdev: 0,
-                        symlink_target: Bytes::new(),
+        let items: Vec<(u64, &NewEntry)> = items.iter().map(|e| (parent, e)).collect();
+        self.create_entries(&items).await
+    }
+
+    /// Creates many entries, each `(parent, entry)`, in any directories:
+    /// the bulk path of an import. Entries are grouped by the group of
+    /// their parent, up to 1024 to a Raft entry, and up to 16 batches are in
+    /// flight at once. A directory that belongs in another group is
+    /// created by its parent's group (in one transaction with the batch's
+    /// other such directories). Returns one outcome per entry, in order.
+    pub async fn create_entries(&self, items: &[(u64, &NewEntry)]) -> Result<Vec<Result<Attr>>> {
+        for (_, e) in items {
+            Self::check_name(&e.name)?;
+        }
+        let mut by_group: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, (parent, _)) in items.iter().enumerate() {
+            by_group.entry(group_of_ino(*parent)).or_default().push(i);
+        }
+        let batches = by_group
+            .into_iter()
+            .flat_map(|(g, idx)| {
+                idx.chunks(BATCH_CREATES)
+                    .map(|c| (g, c.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .map(|(g, idx)| async move {
+                let creates = idx
+                    .iter()
+                    .map(|&i| {
+                        let (parent, e) = items[i];
+                        CreateOp {
+                            parent,
+                            name: Bytes::copy_from_slice(&e.name),
+                            kind: e.kind as i32,
+                            perm: e.perm,
+                            uid: e.uid,
+                            gid: e.gid,
+                            rdev: 0,
+                            symlink_target: Bytes::new(),
+                        }
                     })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let r = self
-                .cluster
-                .propose(
-                    group_of_ino(parent),
-                    Op::CreateBatch(CreateBatchOp { creates }),
-                )
-                .await?;
-            if r.results.len() != batch.len() {
-                return Err(ClientError::server(
-                    ErrorCode::Internal,
-                    "batch reply does not match the request",
-                ));
-            }
-            for (e, r) in batch.iter().zip(r.results) {
-                out.push(match r.error {
+                    .collect();
+                let r = self
+                    .cluster
+                    .propose(g, Op::CreateBatch(CreateBatchOp { creates }))
+                    .await?;
+                if r.results.len() != idx.len() {
+                    return Err(ClientError::server(
+                        ErrorCode::Internal,
+                        "batch reply does not match the request",
+                    ));
+                }
+                Ok((idx, r.results))
+            });
+        let mut out: Vec<Option<Result<Attr>>> = (0..items.len()).map(|_| None).collect();
+        let replies: Vec<_> = stream::iter(batches)
+            .buffer_unordered(BATCHES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (idx, results) in replies {
+            for (i, r) in idx.into_iter().zip(results) {
+                let (parent, e) = items[i];
+                out[i] = Some(match r.error {
                     Some(err) if err.code() == ErrorCode::CrossShard => {
                         self.create(parent, &e.name, e.kind, e.perm, e.uid, e.gid, 0, b"")
                             .await
@@ -310,7 +341,10 @@ impl Fs {
                 });
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClientError::server(ErrorCode::Internal, "no reply"))))
+            .collect())
     }
 
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {

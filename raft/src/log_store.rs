@@ -48,10 +48,27 @@ impl LogStore {
         }
     }
 
+    /// Reads limited to this group's entries in `[from, to)`: purged
+    /// entries are deleted keys until compaction, and an unbounded iterator
+    /// steps over every one of them (this group's before `from`, the next
+    /// group's after `to`) on each read.
+    fn bounded(&self, from: u64, to: u64) -> rocksdb::ReadOptions {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(log_key(self.group, from).to_vec());
+        ro.set_iterate_upper_bound(log_key(self.group, to).to_vec());
+        ro
+    }
+
+    /// Index of the first entry not purged.
+    fn first_kept(&self) -> io::Result<u64> {
+        Ok(self.last_purged()?.map_or(0, |l| l.index + 1))
+    }
+
     fn last_entry(&self) -> io::Result<Option<LogId>> {
         let upper = log_key(self.group, u64::MAX);
-        let mut it = self.store.db.iterator_cf(
+        let mut it = self.store.db.iterator_cf_opt(
             self.store.cf(CF_LOG),
+            self.bounded(self.first_kept()?, u64::MAX),
             IteratorMode::From(&upper, Direction::Reverse),
         );
         match it.next() {
@@ -67,10 +84,11 @@ impl LogStore {
 
     /// Index of the first entry still in the log (for status reports).
     pub fn first_index(&self) -> io::Result<Option<u64>> {
-        let lower = log_key(self.group, 0);
-        let mut it = self.store.db.iterator_cf(
+        let first = self.first_kept()?;
+        let mut it = self.store.db.iterator_cf_opt(
             self.store.cf(CF_LOG),
-            IteratorMode::From(&lower, Direction::Forward),
+            self.bounded(first, u64::MAX),
+            IteratorMode::From(&log_key(self.group, first), Direction::Forward),
         );
         match it.next() {
             Some(Ok((k, _))) if k.starts_with(&self.group.to_be_bytes()) && k.len() == 12 => Ok(
@@ -102,8 +120,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(out);
         }
         let from = log_key(self.group, start);
-        for item in self.store.db.iterator_cf(
+        for item in self.store.db.iterator_cf_opt(
             self.store.cf(CF_LOG),
+            self.bounded(start, end_excl),
             IteratorMode::From(&from, Direction::Forward),
         ) {
             let (k, v) = item.map_err(io_err)?;

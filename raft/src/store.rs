@@ -71,7 +71,18 @@ impl Store {
         table.set_bloom_filter(10.0, false);
         table.set_block_cache(&cache);
         table.set_cache_index_and_filter_blocks(true);
+        table.set_cache_index_and_filter_blocks_with_high_priority(true);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // Partitioned: a lookup loads one 4 KiB filter and index partition,
+        // not the whole filter of a 64 MiB file (about 1 MiB, read and
+        // checksummed again each time data blocks pushed it out of the
+        // cache: that was most of the CPU past a million files). Only the
+        // small top levels stay pinned.
+        table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_partition_filters(true);
+        table.set_metadata_block_size(4096);
+        table.set_pin_top_level_index_and_filter(true);
+        table.set_optimize_filters_for_memory(true);
         let mut sm = Options::default();
         sm.set_block_based_table_factory(&table);
         sm.set_compression_type(rocksdb::DBCompressionType::Lz4);

@@ -4,7 +4,8 @@
 //!
 //! `musicfs-load create --cluster ADDRS --files N` creates N empty tracks in
 //! albums of `--tracks` tracks, artists of `--albums` albums, with
-//! `--parallel` albums in flight; prints progress and a JSON summary.
+//! `--parallel` chunks of 64 artists in flight; prints progress and a JSON
+//! summary.
 //! `musicfs-load stat --cluster ADDRS --files N --samples K` looks up K
 //! random tracks of that library (one linearizable lookup each, the album
 //! directory known) and prints latency percentiles.
@@ -53,8 +54,8 @@ enum Cmd {
     Create {
         #[command(flatten)]
         shape: Shape,
-        /// Artists created concurrently (each with its albums at once).
-        #[arg(long, default_value_t = 4)]
+        /// Chunks of 64 artists in flight at once.
+        #[arg(long, default_value_t = 2)]
         parallel: usize,
     },
     /// Measure lookup latency of random tracks.
@@ -103,6 +104,9 @@ async fn dir(fs: &Fs, parent: u64, name: &str) -> Result<u64> {
     }
 }
 
+/// Artists whose albums and tracks are created together.
+const ARTISTS_PER_CHUNK: u64 = 64;
+
 async fn create(shape: Shape, parallel: usize) -> Result<()> {
     let fs = connect(&shape.cluster).await?;
     let top = dir(&fs, ROOT_INO, &shape.top).await?;
@@ -150,66 +154,68 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
             }
         })
     };
-    // Per artist: its album directories in one batch (one cross-shard
-    // transaction), then each album's tracks in one batch, concurrently.
-    let results: Vec<Result<()>> = stream::iter(0..artists)
-        .map(|artist| {
+    // Artists in chunks: all album directories of a chunk in one bulk call
+    // (one batch, and one cross-shard transaction, per group of the
+    // artists), then all its tracks (one batch per group of the albums).
+    let results: Vec<Result<()>> = stream::iter((0..artists).step_by(ARTISTS_PER_CHUNK as usize))
+        .map(|first_artist| {
             let (fs, shape, artist_ino, done) =
                 (fs.clone(), shape.clone(), artist_ino.clone(), done.clone());
             async move {
-                let parent = artist_ino[artist as usize];
-                let first_album = artist * shape.albums;
-                let last_album = (first_album + shape.albums).min(albums);
-                let dirs: Vec<NewEntry> = (first_album..last_album)
-                    .map(|album| NewEntry {
-                        name: names(&shape, album).1.into_bytes(),
-                        kind: FileKind::Directory,
-                        perm: 0o755,
-                        uid: 0,
-                        gid: 0,
+                let first_album = first_artist * shape.albums;
+                let last_album = ((first_artist + ARTISTS_PER_CHUNK) * shape.albums).min(albums);
+                let dirs: Vec<(u64, NewEntry)> = (first_album..last_album)
+                    .map(|album| {
+                        (
+                            artist_ino[(album / shape.albums) as usize],
+                            NewEntry {
+                                name: names(&shape, album).1.into_bytes(),
+                                kind: FileKind::Directory,
+                                perm: 0o755,
+                                uid: 0,
+                                gid: 0,
+                            },
+                        )
                     })
                     .collect();
+                let refs: Vec<(u64, &NewEntry)> = dirs.iter().map(|(p, e)| (*p, e)).collect();
                 let mut album_ino = Vec::with_capacity(dirs.len());
-                for (i, r) in fs.create_many(parent, &dirs).await?.into_iter().enumerate() {
+                for (i, r) in fs.create_entries(&refs).await?.into_iter().enumerate() {
                     album_ino.push(match r {
                         Ok(a) => a.ino,
                         Err(e) if e.code() == Some(ErrorCode::Exists) => {
-                            fs.lookup(parent, &dirs[i].name).await?.ino
+                            fs.lookup(dirs[i].0, &dirs[i].1.name).await?.ino
                         }
                         Err(e) => return Err(e.into()),
                     });
                 }
-                let albums_done =
-                    futures::future::try_join_all((first_album..last_album).zip(album_ino).map(
-                        |(album, ino)| {
-                            let (fs, done) = (fs.clone(), done.clone());
-                            let first = album * shape.tracks;
-                            let last = (first + shape.tracks).min(shape.files);
-                            async move {
-                                let tracks: Vec<NewEntry> = (first..last)
-                                    .map(|t| NewEntry {
-                                        name: format!("{:02} Track {t}.flac", t - first + 1)
-                                            .into_bytes(),
-                                        kind: FileKind::Regular,
-                                        perm: 0o644,
-                                        uid: 0,
-                                        gid: 0,
-                                    })
-                                    .collect();
-                                for r in fs.create_many(ino, &tracks).await? {
-                                    match r {
-                                        Ok(_) => {}
-                                        Err(e) if e.code() == Some(ErrorCode::Exists) => {}
-                                        Err(e) => return Err(anyhow::Error::from(e)),
-                                    }
-                                }
-                                done.fetch_add(last - first, Ordering::Relaxed);
-                                Ok(())
-                            }
-                        },
-                    ))
-                    .await;
-                albums_done.map(|_| ())
+                let mut tracks: Vec<(u64, NewEntry)> = Vec::new();
+                for (album, ino) in (first_album..last_album).zip(album_ino) {
+                    let first = album * shape.tracks;
+                    let last = (first + shape.tracks).min(shape.files);
+                    tracks.extend((first..last).map(|t| {
+                        (
+                            ino,
+                            NewEntry {
+                                name: format!("{:02} Track {t}.flac", t - first + 1).into_bytes(),
+                                kind: FileKind::Regular,
+                                perm: 0o644,
+                                uid: 0,
+                                gid: 0,
+                            },
+                        )
+                    }));
+                }
+                let refs: Vec<(u64, &NewEntry)> = tracks.iter().map(|(p, e)| (*p, e)).collect();
+                for r in fs.create_entries(&refs).await? {
+                    match r {
+                        Ok(_) => {}
+                        Err(e) if e.code() == Some(ErrorCode::Exists) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                done.fetch_add(tracks.len() as u64, Ordering::Relaxed);
+                Ok(())
             }
         })
         .buffer_unordered(parallel)
