@@ -695,23 +695,10 @@ impl Filesystem for MusicFuse {
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("create", async move {
-            let res = async {
-                let a = fs
-                    .create(
-                        parent.0,
-                        &name,
-                        FileKind::Regular,
-                        mode & 0o7777,
-                        uid,
-                        gid,
-                        0,
-                        b"",
-                    )
-                    .await?;
-                let fh = fs.open(a.ino).await?;
-                Ok::<_, ClientError>((a, fh))
-            }
-            .await;
+            // A file just created is empty: opening it needs no layout query.
+            let res = fs
+                .create_open(parent.0, &name, mode & 0o7777, uid, gid)
+                .await;
             match res {
                 Ok((a, fh)) => reply.created(
                     &ATTR_TTL,

@@ -111,8 +111,22 @@ impl Group {
     }
 
     /// Waits until this node, as leader, has applied everything committed
-    /// before the call (read index): a read after this is linearizable.
+    /// before the call (lease or read index): a read after this is
+    /// linearizable.
     pub async fn read_barrier(&self) -> Result<(), GroupError> {
+        // A leader that heard from a quorum within its lease (shorter than
+        // the election timeout, so no other leader can exist yet) reads
+        // without a network round; otherwise it confirms its leadership
+        // with a quorum first (read index). The lease assumes the nodes'
+        // clocks run at about the same rate (docs/SEMANTICS.md).
+        if self
+            .raft
+            .ensure_linearizable(ReadPolicy::LeaseRead)
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(e) => match e.forward_to_leader() {
