@@ -55,6 +55,9 @@ impl Drop for Store {
     }
 }
 
+/// Memory for memtables, all column families together.
+const MEMTABLE_BYTES: usize = 128 << 20;
+
 impl Store {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         let mut opts = Options::default();
@@ -62,6 +65,13 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.increase_parallelism(2);
+        // A column family written rarely (votes, membership) would otherwise
+        // keep every WAL file since its last flush alive: past this total,
+        // RocksDB flushes it so old WAL files can go.
+        opts.set_max_total_wal_size(128 << 20);
+        // All memtables of all column families together: without a cap each
+        // of the four may hold two 64 MiB memtables.
+        opts.set_db_write_buffer_size(MEMTABLE_BYTES);
         // State-machine reads are point lookups, many for keys that do not
         // exist (free names, absent locks): bloom filters answer those
         // without touching data blocks. Index and filter blocks live in one
