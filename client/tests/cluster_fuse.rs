@@ -175,6 +175,31 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
     );
 
     phase("restarted node caught up");
+    // The survivors logged the node's absence once, not per heartbeat, and
+    // the new leader (which sends to it) its return.
+    wait_for(
+        "the new leader to log the node's return",
+        Duration::from_secs(20),
+        || {
+            let log = cluster.log_of(new_leader);
+            async move { log.contains("peer answers again").then_some(()) }
+        },
+    )
+    .await;
+    for i in (0..3).filter(|i| *i != leader) {
+        let log = cluster.log_of(i);
+        let gone = log.matches("peer unreachable").count();
+        let least = usize::from(i == new_leader);
+        assert!(
+            (least..=2).contains(&gone),
+            "node {} logged the peer's absence {gone} times",
+            i + 1
+        );
+        assert!(
+            !log.contains("failed to send a heartbeat"),
+            "per-heartbeat warnings are silenced"
+        );
+    }
     // The restarted node serves: stop another node so it is needed for the
     // metadata quorum, then read everything again.
     let other = (0..3)

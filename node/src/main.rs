@@ -123,6 +123,12 @@ fn config(a: Args) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
+/// Without `MUSICFS_LOG`. openraft warns on every failed heartbeat and
+/// append of every group (dozens a second while a node is down); the
+/// transport logs a peer once when it goes and once when it returns.
+const DEFAULT_LOG: &str =
+    "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error";
+
 fn main() {
     // glibc gives each thread that allocates its own malloc arena; RocksDB's
     // background threads then hold hundreds of MiB of freed memory in
@@ -136,7 +142,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MUSICFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .init();

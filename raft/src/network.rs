@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -51,6 +51,9 @@ pub struct Transport {
     node_id: u64,
     cluster_id: RwLock<String>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Peers that stopped answering, and since when: logged once when they
+    /// go and once when they return, not on every heartbeat of every group.
+    down: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Transport {
@@ -59,7 +62,40 @@ impl Transport {
             node_id,
             cluster_id: RwLock::new(cluster_id),
             channels: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Notes how a call to `target` went (`None`: it answered).
+    fn observe(&self, target: u64, addr: &str, err: Option<&Status>) {
+        let gone = err.is_some_and(|s| {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        });
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        match (gone, down.get(&target)) {
+            (true, None) => {
+                down.insert(target, Instant::now());
+                tracing::warn!(
+                    node = target,
+                    addr,
+                    error = err.map(|s| s.message()).unwrap_or_default(),
+                    "peer unreachable; retrying until it answers"
+                );
+            }
+            (false, Some(since)) if err.is_none() => {
+                tracing::info!(
+                    node = target,
+                    addr,
+                    after_secs = since.elapsed().as_secs(),
+                    "peer answers again"
+                );
+                down.remove(&target);
+            }
+            _ => {}
+        }
     }
 
     pub fn set_cluster_id(&self, id: &str) {
@@ -187,7 +223,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
-        let reply = c.append_entries(r).await.map_err(status_err)?.into_inner();
+        let reply = c.append_entries(r).await;
+        self.transport
+            .observe(self.target, &self.addr, reply.as_ref().err());
+        let reply = reply.map_err(status_err)?.into_inner();
         if let Some(e) = reply.error {
             return Err(remote_err(e));
         }
@@ -225,7 +264,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
-        let reply = c.vote(r).await.map_err(status_err)?.into_inner();
+        let reply = c.vote(r).await;
+        self.transport
+            .observe(self.target, &self.addr, reply.as_ref().err());
+        let reply = reply.map_err(status_err)?.into_inner();
         if let Some(e) = reply.error {
             return Err(remote_err(e));
         }

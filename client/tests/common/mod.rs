@@ -128,7 +128,10 @@ impl TestCluster {
             .args(["--id", &n.id.to_string(), "--listen", &n.addr, "--data"])
             .arg(&n.data)
             .args(&n.args)
-            .env("MUSICFS_LOG", "info,openraft=warn")
+            .env(
+                "MUSICFS_LOG",
+                "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error",
+            )
             .envs(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
