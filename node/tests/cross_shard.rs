@@ -826,4 +826,31 @@ async fn tombstones_of_resolved_transactions_are_dropped_oldest_first() {
     }
     assert_eq!((count(&mem, b'K'), count(&mem, b'k')), (0, 0));
     assert_consistent(&mem, "after dropping tombstones");
+    // A leader whose clock runs an hour behind resolves more: their
+    // tombstones sort before the last one dropped, and are dropped too.
+    mem.clock.fetch_sub(3_600_000, Ordering::Relaxed);
+    for i in 0..5 {
+        let name = remote_name(ROOT_INO, &format!("late{i}-"), 4, u32::MAX);
+        mk(&mem, ROOT_INO, &name, FileKind::Directory).await;
+    }
+    assert!(
+        count(&mem, b'K') >= 5,
+        "the late transactions left tombstones"
+    );
+    for g in 0..4 {
+        mem.apply(
+            g,
+            Op::TxnGc(proto::meta::TxnGcOp {
+                before: Some(Timespec {
+                    sec: now as i64 + 3600,
+                    nsec: 0,
+                }),
+            }),
+            0,
+            0,
+        )
+        .expect("gc");
+    }
+    assert_eq!((count(&mem, b'K'), count(&mem, b'k')), (0, 0));
+    assert_consistent(&mem, "after dropping the late tombstones");
 }

@@ -265,10 +265,16 @@ impl Namespace {
         // Remember the transaction is over here, so a delayed prepare of it
         // is refused (dropped after TXN_KEEP_SECS by `txn_gc`).
         txn.put(keys::tombstone(self.group, txid), &now);
-        txn.put_raw(
-            keys::tombstone_by_age(self.group, now.sec, txid),
-            Vec::new(),
-        );
+        // Indexed no earlier than the last one dropped: `txn_gc` reads from
+        // there, and a leader whose clock runs behind must not file a
+        // tombstone where it would never be dropped.
+        let floor = self.pending_counts(txn)?.tombstone_floor;
+        let floor_sec = (floor.len() >= 8).then(|| (u64_at(&floor, 0) ^ (1 << 63)) as i64);
+        let sec = match floor_sec {
+            Some(f) if now.sec <= f => f + 1,
+            _ => now.sec,
+        };
+        txn.put_raw(keys::tombstone_by_age(self.group, sec, txid), Vec::new());
         let ikey = keys::intent(self.group, txid);
         let Some(b) = txn.get(&ikey)? else {
             return Ok(CommandResult::default());
