@@ -79,7 +79,13 @@ pub struct Cluster {
     group_count: RwLock<u32>,
     leaders: RwLock<HashMap<u32, u64>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Storage nodes that failed a call recently, and when: writes do not
+    /// wait for them once a quorum is in, reads try them last.
+    suspects: Mutex<HashMap<u64, Instant>>,
 }
+
+/// How long a failed storage node stays suspect without a new failure.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 impl Cluster {
     /// Connects to whichever seed answers first and learns the members.
@@ -93,6 +99,7 @@ impl Cluster {
             group_count: RwLock::new(1),
             leaders: RwLock::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
         });
         cluster.refresh().await?;
         Ok(cluster)
@@ -228,6 +235,27 @@ impl Cluster {
             .map(|(id, a)| (*id, a.clone()))
     }
 
+    /// The node this client sends `group`'s calls to first, if it knows one.
+    pub fn cached_leader(&self, group: u32) -> Option<u64> {
+        self.leaders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+            .copied()
+    }
+
+    fn remember_leader(&self, group: u32, node: u64) {
+        let known = self
+            .leaders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+            .copied();
+        if known != Some(node) {
+            self.set_leader(group, Some(node));
+        }
+    }
+
     fn set_leader(&self, group: u32, leader: Option<u64>) {
         let mut l = self.leaders.write().unwrap_or_else(|e| e.into_inner());
         match leader {
@@ -256,7 +284,13 @@ impl Cluster {
             let mut hinted = false;
             match call(self.meta_client(&addr)?).await {
                 Ok(r) => match r.error() {
-                    None => return Ok(r),
+                    None => {
+                        // The node that answered leads: remember it, or
+                        // every later call would start with whichever node
+                        // comes first (dead, perhaps) and back off.
+                        self.remember_leader(group, node);
+                        return Ok(r);
+                    }
                     Some(e) if e.code() == ErrorCode::NotLeader => {
                         last = format!("node {node} ({addr}): {e}");
                         hinted = e.leader_id != 0 && e.leader_id != node;
@@ -349,6 +383,23 @@ impl Cluster {
         .await
     }
 
+    fn note_storage(&self, node: u64, ok: bool) {
+        let mut s = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            s.remove(&node);
+        } else {
+            s.insert(node, Instant::now());
+        }
+    }
+
+    fn is_suspect(&self, node: u64) -> bool {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node)
+            .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
+    }
+
     /// Stores a chunk on the storage nodes. Succeeds once a majority of the
     /// replication factor holds it durably; returns the nodes that do.
     pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
@@ -361,6 +412,7 @@ impl Cluster {
         let mut errors: BTreeMap<u64, String> = BTreeMap::new();
         loop {
             let mut pending = FuturesUnordered::new();
+            let mut waiting: Vec<u64> = Vec::new();
             let missing = rf.saturating_sub(stored.len());
             for (node, addr) in peers
                 .iter()
@@ -368,6 +420,7 @@ impl Cluster {
                 .take(missing)
             {
                 let (node, addr, data) = (*node, addr.clone(), data.clone());
+                waiting.push(node);
                 let client = self.chunk_client(&addr);
                 pending.push(async move {
                     let res = async {
@@ -393,14 +446,15 @@ impl Cluster {
             let mut quorum_at: Option<Instant> = None;
             loop {
                 let next = match quorum_at {
-                    // Quorum reached: give the remaining replicas a moment.
+                    // Quorum reached: give the remaining replicas a moment
+                    // (a third copy that lands needs no repair), but not a
+                    // node that failed recently: every write would wait.
                     Some(t) => {
-                        match tokio::time::timeout_at(
-                            (t + Duration::from_millis(500)).into(),
-                            pending.next(),
-                        )
-                        .await
-                        {
+                        if waiting.iter().all(|n| self.is_suspect(*n)) {
+                            break;
+                        }
+                        let grace = Duration::from_millis(500);
+                        match tokio::time::timeout_at((t + grace).into(), pending.next()).await {
                             Ok(n) => n,
                             Err(_) => break,
                         }
@@ -408,6 +462,8 @@ impl Cluster {
                     None => pending.next().await,
                 };
                 let Some((node, res)) = next else { break };
+                waiting.retain(|n| *n != node);
+                self.note_storage(node, res.is_ok());
                 match res {
                     Ok(()) => {
                         stored.push(node);
@@ -451,6 +507,8 @@ impl Cluster {
                 order.push(*n);
             }
         }
+        // Replicas that failed recently last (a stable sort keeps the rest).
+        order.sort_by_key(|n| self.is_suspect(*n));
         let start = Instant::now();
         let mut backoff = backoff();
         let mut last = String::new();
@@ -467,6 +525,7 @@ impl Cluster {
                     .await
                 {
                     Ok(r) => {
+                        self.note_storage(*node, true);
                         let r = r.into_inner();
                         if let Some(e) = r.error {
                             last = format!("node {node}: {e}");
@@ -478,7 +537,10 @@ impl Cluster {
                         last = format!("node {node}: returned bytes that do not match the id");
                         tracing::error!(%id, node, "replica returned corrupt chunk");
                     }
-                    Err(s) => last = format!("node {node} ({addr}): {}", s.message()),
+                    Err(s) => {
+                        self.note_storage(*node, false);
+                        last = format!("node {node} ({addr}): {}", s.message());
+                    }
                 }
             }
             if start.elapsed() >= self.cfg.deadline {

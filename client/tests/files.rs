@@ -144,3 +144,25 @@ async fn close_to_open_between_two_clients() {
     let e = r.resolve("/song.flac").await.expect_err("deleted");
     assert_eq!(e.errno(), libc::ENOENT);
 }
+
+/// With node 1 (the first a client tries when it knows no leader) dead,
+/// calls must not keep starting there: the node that answers is
+/// remembered as the group's leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_that_answers_is_remembered_as_leader() {
+    let mut c = TestCluster::start(3, &[]).await;
+    c.init_groups(1).await;
+    c.kill(0);
+    let fs = client(&c).await;
+    for i in 0..5 {
+        fs.write_file(&format!("/f{i}"), b"x", 0o644)
+            .await
+            .expect("write with node 1 down");
+        let leader = c.nodes[c.leader().await].id;
+        assert_eq!(
+            fs.cluster().cached_leader(0),
+            Some(leader),
+            "call {i}: the client remembers the leader that answered"
+        );
+    }
+}

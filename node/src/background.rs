@@ -20,6 +20,8 @@ const DELIVER_EVERY: Duration = Duration::from_millis(100);
 const RECOVER_EVERY: Duration = Duration::from_secs(1);
 /// Leadership balance is checked every this many recovery ticks.
 const BALANCE_TICKS: u32 = 3;
+/// A preferred node must have answered this recently to receive leadership.
+const ALIVE_WITHIN: Duration = Duration::from_secs(1);
 /// Records read per scan.
 const SCAN_LIMIT: usize = 10_000;
 
@@ -130,10 +132,14 @@ async fn balance(router: &Router) {
         if preferred == me {
             continue;
         }
+        // Up to date and answering now: a node that died keeps the match
+        // index it had, and handing leadership to it would stall the group
+        // (a leader in transfer turns every request away) until the
+        // transfer timed out, again every few seconds.
         let caught_up = g
             .replication_matched(preferred)
             .is_some_and(|m| m + 16 >= st.last_log_index);
-        if caught_up {
+        if caught_up && g.heard_from(preferred, ALIVE_WITHIN) {
             tracing::info!(
                 group = g.id,
                 to = preferred,

@@ -127,7 +127,7 @@ fn config(a: Args) -> Result<NodeConfig> {
 /// append of every group (dozens a second while a node is down); the
 /// transport logs a peer once when it goes and once when it returns.
 const DEFAULT_LOG: &str =
-    "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error";
+    "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error";
 
 fn main() {
     // glibc gives each thread that allocates its own malloc arena; RocksDB's

@@ -180,6 +180,18 @@ impl Group {
             .map(|l| l.index)
     }
 
+    /// Whether `node` acknowledged this leader's heartbeat or replication
+    /// within `within` (false when this node does not lead).
+    pub fn heard_from(&self, node: u64, within: Duration) -> bool {
+        use openraft::Instant as _;
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.heartbeat
+            .as_ref()
+            .and_then(|h| h.get(&node).cloned())
+            .flatten()
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
     /// Asks this (leader) node to hand leadership of the group to `to`.
     pub async fn transfer_leader(&self, to: u64) -> Result<(), GroupError> {
         self.raft

@@ -130,7 +130,7 @@ impl TestCluster {
             .args(&n.args)
             .env(
                 "MUSICFS_LOG",
-                "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error",
+                "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error",
             )
             .envs(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
