@@ -51,6 +51,19 @@ pub struct NewEntry {
     pub gid: u32,
 }
 
+impl NewEntry {
+    /// An entry owned by root (uid and gid 0).
+    pub fn new(name: impl Into<Vec<u8>>, kind: FileKind, perm: u32) -> Self {
+        NewEntry {
+            name: name.into(),
+            kind,
+            perm,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenameFlags {
     pub noreplace: bool,

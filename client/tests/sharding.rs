@@ -131,13 +131,7 @@ async fn random_cross_shard_work_with_a_node_killed_keeps_every_invariant() {
     // A library skeleton, created with the bulk path.
     let fs = c.client(Duration::from_secs(60)).await;
     let artists: Vec<NewEntry> = (0..6)
-        .map(|i| NewEntry {
-            name: format!("artist{i}").into_bytes(),
-            kind: FileKind::Directory,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-        })
+        .map(|i| NewEntry::new(format!("artist{i}"), FileKind::Directory, 0o755))
         .collect();
     let mut dirs = vec![ROOT_INO];
     for r in fs
@@ -149,13 +143,7 @@ async fn random_cross_shard_work_with_a_node_killed_keeps_every_invariant() {
     }
     for a in dirs.clone().iter().skip(1) {
         let tracks: Vec<NewEntry> = (0..20)
-            .map(|t| NewEntry {
-                name: format!("{t:02} track.flac").into_bytes(),
-                kind: FileKind::Regular,
-                perm: 0o644,
-                uid: 0,
-                gid: 0,
-            })
+            .map(|t| NewEntry::new(format!("{t:02} track.flac"), FileKind::Regular, 0o644))
             .collect();
         for r in fs.create_many(*a, &tracks).await.expect("bulk create") {
             r.expect("track");

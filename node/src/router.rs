@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use prost::Message;
 use proto::meta::meta_service_client::MetaServiceClient;
@@ -188,7 +189,12 @@ impl Router {
         Fut: std::future::Future<Output = Result<T, WireError>>,
     {
         let start = Instant::now();
-        let mut delay = Duration::from_millis(10);
+        let mut backoff = ExponentialBuilder::new()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(10))
+            .with_max_delay(Duration::from_millis(500))
+            .without_max_times()
+            .build();
         let mut hint: Option<WireError> = None;
         let mut hints_in_a_row = 0u32;
         loop {
@@ -205,9 +211,8 @@ impl Router {
                     // Follow a fresh hint at once; back off when there is
                     // none or hints go in circles (an election).
                     if !hinted || hints_in_a_row > 2 {
-                        let jitter = Duration::from_millis(rand::random::<u64>() % 10);
-                        tokio::time::sleep(delay + jitter).await;
-                        delay = (delay * 2).min(Duration::from_millis(500));
+                        let d = backoff.next().unwrap_or(Duration::from_millis(500));
+                        tokio::time::sleep(d).await;
                     }
                 }
                 Err(e) => return Err(e),

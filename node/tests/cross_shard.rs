@@ -772,6 +772,21 @@ async fn a_batch_of_directories_in_other_groups_is_one_transaction_and_survives_
     assert_consistent(&mem, "after the batch and its retry");
 }
 
+/// Drops, in every group, the tombstones older than `sec`.
+fn gc_all(mem: &Mem, sec: i64) {
+    for g in 0..4 {
+        mem.apply(
+            g,
+            Op::TxnGc(proto::meta::TxnGcOp {
+                before: Some(Timespec { sec, nsec: 0 }),
+            }),
+            0,
+            0,
+        )
+        .expect("gc");
+    }
+}
+
 #[tokio::test]
 async fn tombstones_of_resolved_transactions_are_dropped_oldest_first() {
     let mem = Mem::new(4);
@@ -794,36 +809,10 @@ async fn tombstones_of_resolved_transactions_are_dropped_oldest_first() {
     assert_eq!(by_id, by_age, "every tombstone is indexed by age");
     // Nothing is old enough yet: a collection keeps everything.
     let now = mem.clock.load(Ordering::Relaxed) / 1000;
-    for g in 0..4 {
-        mem.apply(
-            g,
-            Op::TxnGc(proto::meta::TxnGcOp {
-                before: Some(Timespec {
-                    sec: now as i64 - 3600,
-                    nsec: 0,
-                }),
-            }),
-            0,
-            0,
-        )
-        .expect("gc");
-    }
+    gc_all(&mem, now as i64 - 3600);
     assert_eq!(count(&mem, b'K'), by_id);
     // Past the keep time, all of them go.
-    for g in 0..4 {
-        mem.apply(
-            g,
-            Op::TxnGc(proto::meta::TxnGcOp {
-                before: Some(Timespec {
-                    sec: now as i64 + 3600,
-                    nsec: 0,
-                }),
-            }),
-            0,
-            0,
-        )
-        .expect("gc");
-    }
+    gc_all(&mem, now as i64 + 3600);
     assert_eq!((count(&mem, b'K'), count(&mem, b'k')), (0, 0));
     assert_consistent(&mem, "after dropping tombstones");
     // A leader whose clock runs an hour behind resolves more: their
@@ -837,20 +826,7 @@ async fn tombstones_of_resolved_transactions_are_dropped_oldest_first() {
         count(&mem, b'K') >= 5,
         "the late transactions left tombstones"
     );
-    for g in 0..4 {
-        mem.apply(
-            g,
-            Op::TxnGc(proto::meta::TxnGcOp {
-                before: Some(Timespec {
-                    sec: now as i64 + 3600,
-                    nsec: 0,
-                }),
-            }),
-            0,
-            0,
-        )
-        .expect("gc");
-    }
+    gc_all(&mem, now as i64 + 3600);
     assert_eq!((count(&mem, b'K'), count(&mem, b'k')), (0, 0));
     assert_consistent(&mem, "after dropping the late tombstones");
 }

@@ -117,13 +117,7 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
     let mut artist_ino = Vec::with_capacity(artists as usize);
     for first in (0..artists).step_by(1024) {
         let batch: Vec<NewEntry> = (first..(first + 1024).min(artists))
-            .map(|a| NewEntry {
-                name: format!("Artist {a:06}").into_bytes(),
-                kind: FileKind::Directory,
-                perm: 0o755,
-                uid: 0,
-                gid: 0,
-            })
+            .map(|a| NewEntry::new(format!("Artist {a:06}"), FileKind::Directory, 0o755))
             .collect();
         for (i, r) in fs.create_many(top, &batch).await?.into_iter().enumerate() {
             artist_ino.push(match r {
@@ -168,13 +162,7 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
                     .map(|album| {
                         (
                             artist_ino[(album / shape.albums) as usize],
-                            NewEntry {
-                                name: names(&shape, album).1.into_bytes(),
-                                kind: FileKind::Directory,
-                                perm: 0o755,
-                                uid: 0,
-                                gid: 0,
-                            },
+                            NewEntry::new(names(&shape, album).1, FileKind::Directory, 0o755),
                         )
                     })
                     .collect();
@@ -196,13 +184,11 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
                     tracks.extend((first..last).map(|t| {
                         (
                             ino,
-                            NewEntry {
-                                name: format!("{:02} Track {t}.flac", t - first + 1).into_bytes(),
-                                kind: FileKind::Regular,
-                                perm: 0o644,
-                                uid: 0,
-                                gid: 0,
-                            },
+                            NewEntry::new(
+                                format!("{:02} Track {t}.flac", t - first + 1),
+                                FileKind::Regular,
+                                0o644,
+                            ),
                         )
                     }));
                 }

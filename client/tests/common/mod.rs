@@ -145,21 +145,24 @@ impl TestCluster {
     pub async fn wait_up(&mut self, i: usize) {
         let addr = self.nodes[i].addr.clone();
         let id = self.nodes[i].id;
-        let start = Instant::now();
-        loop {
-            if let Ok(st) = admin::node_status(&addr).await {
-                assert_eq!(st.node_id, id, "another node answers on {addr}");
-                return;
-            }
-            if self.exited(i) {
-                panic!("node {id} exited at start:\n{}", self.log_of(i));
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "timed out after 30s waiting for node {id} to listen"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let log = self.dir.path().join(format!("node{id}.log"));
+        let child = &mut self.nodes[i].child;
+        let st = wait_for(
+            &format!("node {id} to listen"),
+            Duration::from_secs(30),
+            || {
+                if let Some(Ok(Some(_))) = child.as_mut().map(|c| c.try_wait()) {
+                    panic!(
+                        "node {id} exited at start:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                let addr = addr.clone();
+                async move { admin::node_status(&addr).await.ok() }
+            },
+        )
+        .await;
+        assert_eq!(st.node_id, id, "another node answers on {addr}");
     }
 
     /// Initialises the cluster with four metadata groups, so tests cross

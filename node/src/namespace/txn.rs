@@ -70,6 +70,11 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// The time in a tombstone-age key (`keys::tombstone_by_age`) at `at`.
+fn age_sec(b: &[u8], at: usize) -> i64 {
+    (u64_at(b, at) ^ (1 << 63)) as i64
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
         .and_then(|s| s.try_into().ok())
@@ -268,8 +273,9 @@ impl Namespace {
         // Indexed no earlier than the last one dropped: `txn_gc` reads from
         // there, and a leader whose clock runs behind must not file a
         // tombstone where it would never be dropped.
-        let floor = self.pending_counts(txn)?.tombstone_floor;
-        let floor_sec = (floor.len() >= 8).then(|| (u64_at(&floor, 0) ^ (1 << 63)) as i64);
+        let mut pending = self.pending_counts(txn)?;
+        let floor = &pending.tombstone_floor;
+        let floor_sec = (floor.len() >= 8).then(|| age_sec(floor, 0));
         let sec = match floor_sec {
             Some(f) if now.sec <= f => f + 1,
             _ => now.sec,
@@ -280,7 +286,8 @@ impl Namespace {
             return Ok(CommandResult::default());
         };
         let rec: IntentRecord = decode(&ikey, &b)?;
-        self.count_pending(txn, |p| p.intents = p.intents.saturating_sub(1))?;
+        pending.intents = pending.intents.saturating_sub(1);
+        txn.put(keys::pending(self.group), &pending);
         let ns = Namespace::resolver(self.group, txid);
         for sub in &rec.subs {
             let Some(s) = &sub.s else { continue };
@@ -485,8 +492,7 @@ impl Namespace {
         let mut pending = self.pending_counts(txn)?;
         let mut floor = None;
         for (k, _) in txn.scan(&prefix, &pending.tombstone_floor, 4096)? {
-            let sec = (u64_at(&k, prefix.len()) ^ (1 << 63)) as i64;
-            if sec >= before.sec {
+            if age_sec(&k, prefix.len()) >= before.sec {
                 break;
             }
             txn.delete(keys::tombstone(self.group, u64_at(&k, prefix.len() + 8)));
@@ -511,7 +517,7 @@ impl Namespace {
         Ok(kv
             .scan(&prefix, &floor, 1)?
             .first()
-            .is_some_and(|(k, _)| ((u64_at(k, prefix.len()) ^ (1 << 63)) as i64) < before.sec))
+            .is_some_and(|(k, _)| age_sec(k, prefix.len()) < before.sec))
     }
 
     pub(super) fn txn_state<R: KvRead + ?Sized>(
