@@ -16,19 +16,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Three distinct free ports (the sockets stay open until all are chosen).
+# Four distinct free ports (the sockets stay open until all are chosen):
+# three cluster nodes and a spare for a node added later.
 read -r -a ports < <(python3 -c '
 import socket
-s = [socket.socket() for _ in range(3)]
+s = [socket.socket() for _ in range(4)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(" ".join(str(x.getsockname()[1]) for x in s))')
 peers=""; seeds=""
+for i in 1 2 3 4; do port[$i]=${ports[$((i - 1))]}; done
 for i in 1 2 3; do
-  port[$i]=${ports[$((i - 1))]}
   peers="$peers${peers:+,}$i=127.0.0.1:${port[$i]}"; seeds="$seeds${seeds:+,}127.0.0.1:${port[$i]}"
 done
+# start_node ID [extra musicfs-node flags...]; NODE_FLAGS go to every node.
 start_node() {
-  "$BIN/musicfs-node" --id "$1" --listen "127.0.0.1:${port[$1]}" --data "$work/node$1" 2>>"$work/node$1.log" &
+  "$BIN/musicfs-node" --id "$1" --listen "127.0.0.1:${port[$1]}" --data "$work/node$1" ${NODE_FLAGS:-} "${@:2}" 2>>"$work/node$1.log" &
   pid[$1]=$!
 }
 # Starts all three nodes and initialises GROUPS groups (nodes take a moment

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::admin::admin_service_client::AdminServiceClient;
-use proto::admin::{InitRequest, Peer, StatusRequest, StatusResponse};
+use proto::admin::{
+    InitRequest, Peer, RepairStatus, SetStorageNodeRequest, StatusRequest, StatusResponse,
+};
+use proto::meta::StorageState;
 use serde::Serialize;
 use tonic::transport::Endpoint;
 
@@ -73,9 +76,43 @@ pub const DEFAULT_GROUPS: u32 = 16;
 /// Initialises a new cluster over `peers` with `groups` metadata groups.
 /// Every peer must be reachable, carry the node id it is given here and not
 /// belong to a cluster yet; otherwise nothing is changed.
-pub async fn init_cluster(peers: &[Peer], groups: u32) -> Result<String> {
+/// Settings fixed when a cluster is initialised.
+#[derive(Clone, Copy, Debug)]
+pub struct InitOptions {
+    /// Metadata groups.
+    pub groups: u32,
+    /// Copies of every chunk.
+    pub replication: u32,
+    /// Seconds a layout commit may rely on a chunk-index answer (0: the
+    /// default, an hour); garbage collection frees a chunk no sooner than
+    /// about twice this after its last reference goes.
+    pub commit_window_secs: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            groups: DEFAULT_GROUPS,
+            replication: 3,
+            commit_window_secs: 0,
+        }
+    }
+}
+
+pub async fn init_cluster(peers: &[Peer], opts: InitOptions) -> Result<String> {
+    let InitOptions {
+        groups,
+        replication,
+        commit_window_secs,
+    } = opts;
     if groups == 0 || groups > 4096 {
         return Err(ClientError::Invalid("--groups must be 1..=4096".into()));
+    }
+    if replication == 0 || replication as usize > peers.len() {
+        return Err(ClientError::Invalid(format!(
+            "--replication must be 1..={} (the number of nodes)",
+            peers.len()
+        )));
     }
     for p in peers {
         let st = node_status(&p.addr)
@@ -106,6 +143,8 @@ pub async fn init_cluster(peers: &[Peer], groups: u32) -> Result<String> {
             peers: peers.to_vec(),
             group_count: groups,
             bootstrap: true,
+            replication,
+            commit_window_secs,
         })
         .await
         .map_err(|s| ClientError::Unavailable(format!("{}: {}", first.addr, s.message())))?
@@ -170,12 +209,69 @@ pub struct GroupView {
 }
 
 #[derive(Serialize, Debug)]
+pub struct StorageView {
+    pub id: u64,
+    pub address: String,
+    /// active, draining or removed.
+    pub state: String,
+    /// Answered the probes of the node that reported (None: not reachable
+    /// from here either).
+    pub up: bool,
+    pub chunks: Option<u64>,
+    pub chunk_bytes: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+}
+
+/// Repair over the whole cluster (each group's leader reports its groups).
+#[derive(Serialize, Debug, Default)]
+pub struct RepairView {
+    pub under_replicated: u64,
+    pub scanned: u64,
+    pub total: u64,
+    pub copied_chunks: u64,
+    pub copied_bytes: u64,
+    pub bytes_per_sec: u64,
+    pub waiting_for_nodes: u64,
+    pub unavailable: u64,
+    pub eta_secs: u64,
+    pub errors: Vec<String>,
+}
+
+impl RepairView {
+    fn add(&mut self, node: u64, r: &RepairStatus) {
+        self.under_replicated += r.under_replicated;
+        self.scanned += r.scanned;
+        self.total += r.total;
+        self.copied_chunks += r.copied_chunks;
+        self.copied_bytes += r.copied_bytes;
+        self.bytes_per_sec += r.bytes_per_sec;
+        self.waiting_for_nodes += r.waiting_for_nodes;
+        self.unavailable += r.unavailable;
+        self.eta_secs = self.eta_secs.max(r.eta_secs);
+        if !r.last_error.is_empty() {
+            self.errors.push(format!("node {node}: {}", r.last_error));
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
 pub struct ClusterView {
     pub cluster_id: String,
     pub healthy: bool,
     pub problems: Vec<String>,
+    pub replication: u32,
     pub nodes: Vec<NodeView>,
+    pub storage: Vec<StorageView>,
+    pub repair: RepairView,
     pub groups: Vec<GroupView>,
+}
+
+fn state_name(s: StorageState) -> &'static str {
+    match s {
+        StorageState::StorageActive => "active",
+        StorageState::StorageDraining => "draining",
+        StorageState::StorageRemoved => "removed",
+    }
 }
 
 /// Gathers the status of every node reachable from `seeds`.
@@ -302,11 +398,51 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
             problems.push(format!("group {} has no leader", g.id));
         }
     }
+    let mut repair = RepairView::default();
+    for st in statuses.values().flatten() {
+        if let Some(r) = &st.repair {
+            repair.add(st.node_id, r);
+        }
+    }
+    let mut storage = Vec::new();
+    for n in &first.storage_nodes {
+        let own = match statuses.get(&n.node_id) {
+            Some(r) => r.as_ref().ok().cloned(),
+            // A storage-only node: ask it directly.
+            None if n.state() != StorageState::StorageRemoved => node_status(&n.addr).await.ok(),
+            None => None,
+        };
+        let up = first.storage_up.contains(&n.node_id) || own.is_some();
+        if !up && n.state() != StorageState::StorageRemoved {
+            problems.push(format!(
+                "storage node {} at {} does not answer",
+                n.node_id, n.addr
+            ));
+        }
+        storage.push(StorageView {
+            id: n.node_id,
+            address: n.addr.clone(),
+            state: state_name(n.state()).into(),
+            up,
+            chunks: own.as_ref().map(|s| s.chunk_count),
+            chunk_bytes: own.as_ref().map(|s| s.chunk_bytes),
+            disk_free_bytes: own.as_ref().map(|s| s.disk_free_bytes),
+        });
+    }
+    if repair.unavailable > 0 {
+        problems.push(format!(
+            "{} chunk(s) have no reachable replica",
+            repair.unavailable
+        ));
+    }
     Ok(ClusterView {
         cluster_id: first.cluster_id,
         healthy: problems.is_empty(),
         problems,
+        replication: first.replication,
         nodes,
+        storage,
+        repair,
         groups: groups.into_values().collect(),
     })
 }
@@ -337,6 +473,48 @@ pub fn print_status(v: &ClusterView) {
             n.leader_of,
             n.lag
         );
+    }
+    println!();
+    println!(
+        "STORAGE (replication {})\n{:>4}  {:<22} {:<9} {:<5} {:>8} {:>10} {:>12}",
+        v.replication, "NODE", "ADDRESS", "STATE", "UP", "CHUNKS", "BYTES", "DISK FREE"
+    );
+    let opt = |v: Option<u64>, f: fn(u64) -> String| v.map(f).unwrap_or_else(|| "-".into());
+    for n in &v.storage {
+        println!(
+            "{:>4}  {:<22} {:<9} {:<5} {:>8} {:>10} {:>12}",
+            n.id,
+            n.address,
+            n.state,
+            if n.up { "yes" } else { "NO" },
+            opt(n.chunks, |c| c.to_string()),
+            opt(n.chunk_bytes, human),
+            opt(n.disk_free_bytes, human),
+        );
+    }
+    let r = &v.repair;
+    println!();
+    print!(
+        "repair: {} under-replicated, full pass {}/{} records, {} copies ({}) done, {}/s",
+        r.under_replicated,
+        r.scanned,
+        r.total,
+        r.copied_chunks,
+        human(r.copied_bytes),
+        human(r.bytes_per_sec)
+    );
+    if r.eta_secs > 0 {
+        print!(", ETA {}s", r.eta_secs);
+    }
+    println!();
+    if r.waiting_for_nodes > 0 {
+        println!(
+            "  {} chunk(s) wait for a usable node to copy to (fewer usable nodes than the replication factor)",
+            r.waiting_for_nodes
+        );
+    }
+    for e in &r.errors {
+        println!("  last error: {e}");
     }
     println!();
     println!(
@@ -387,6 +565,177 @@ pub fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
+}
+
+/// Adds, drains or removes a storage node through any node of the cluster.
+/// Returns the chunk records that still list the node (drain, remove).
+pub async fn set_storage_node(
+    seeds: &[String],
+    node_id: u64,
+    addr: &str,
+    state: StorageState,
+) -> Result<u64> {
+    let mut errors = Vec::new();
+    for s in seeds {
+        let mut c = match admin(s).await {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(e.to_string());
+                continue;
+            }
+        };
+        let r = c
+            .set_storage_node(SetStorageNodeRequest {
+                node_id,
+                addr: addr.to_string(),
+                state: state as i32,
+            })
+            .await
+            .map_err(|st| ClientError::Unavailable(format!("{s}: {}", st.message())))?
+            .into_inner();
+        return match r.error {
+            Some(e) => Err(ClientError::Server(e)),
+            None => Ok(r.chunks_remaining),
+        };
+    }
+    Err(ClientError::Connect(errors.join("; ")))
+}
+
+/// Garbage collection over the cluster: each metadata node reports the
+/// groups it leads. Unless `dry_run`, each also runs a pass now.
+pub async fn gc(seeds: &[String], dry_run: bool) -> Result<proto::admin::GcStatus> {
+    let mut total = proto::admin::GcStatus::default();
+    let mut errors = Vec::new();
+    let first = cluster_status(seeds).await?;
+    for n in &first.nodes {
+        if !n.up {
+            errors.push(format!("node {} does not answer", n.id));
+            continue;
+        }
+        let r = async {
+            admin(&n.address)
+                .await?
+                .gc(proto::admin::GcRequest { dry_run })
+                .await
+                .map_err(|s| ClientError::Unavailable(format!("{}: {}", n.address, s.message())))
+        }
+        .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                total.reclaimable_chunks += r.reclaimable_chunks;
+                total.reclaimable_bytes += r.reclaimable_bytes;
+                total.waiting_chunks += r.waiting_chunks;
+                total.waiting_bytes += r.waiting_bytes;
+                total.reaped_chunks += r.reaped_chunks;
+                total.deleted_files += r.deleted_files;
+                total.deleted_bytes += r.deleted_bytes;
+                total.settled_groups += r.settled_groups;
+                total.led_groups += r.led_groups;
+                if !r.last_error.is_empty() {
+                    errors.push(format!("node {}: {}", n.id, r.last_error));
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    total.last_error = errors.join("; ");
+    Ok(total)
+}
+
+/// Every node of the cluster (metadata and storage) by id and address.
+async fn all_nodes(seeds: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut errors = Vec::new();
+    for s in seeds {
+        match node_status(s).await {
+            Ok(st) if !st.cluster_id.is_empty() => {
+                let mut nodes: BTreeMap<u64, String> = st
+                    .peers
+                    .iter()
+                    .map(|p| (p.node_id, p.addr.clone()))
+                    .collect();
+                for n in &st.storage_nodes {
+                    if n.state() != StorageState::StorageRemoved {
+                        nodes.insert(n.node_id, n.addr.clone());
+                    }
+                }
+                return Ok(nodes);
+            }
+            Ok(_) => errors.push(format!("{s}: not initialised")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(ClientError::Connect(errors.join("; ")))
+}
+
+/// Starts a scrub on every node; returns the nodes that could not be asked.
+pub async fn scrub_start(seeds: &[String]) -> Result<Vec<String>> {
+    let mut failed = Vec::new();
+    for (id, addr) in all_nodes(seeds).await? {
+        let r = match admin(&addr).await {
+            Ok(mut c) => c
+                .scrub(proto::admin::ScrubRequest {})
+                .await
+                .map_err(|s| s.message().to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            failed.push(format!("node {id} at {addr}: {e}"));
+        }
+    }
+    Ok(failed)
+}
+
+#[derive(Serialize, Debug)]
+pub struct ScrubView {
+    pub node: u64,
+    pub address: String,
+    /// None when the node did not answer.
+    pub status: Option<ScrubNodeView>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ScrubNodeView {
+    pub phase: String,
+    /// Every scrub asked of this node has finished.
+    pub done: bool,
+    pub local_progress_pct: f64,
+    pub verified_chunks: u64,
+    pub verified_bytes: u64,
+    pub corrupt: u64,
+    pub records_checked: u64,
+    pub missing: u64,
+    pub finished_at_ms: u64,
+}
+
+/// The scrub progress of every node.
+pub async fn scrub_status(seeds: &[String]) -> Result<Vec<ScrubView>> {
+    let mut out = Vec::new();
+    for (id, addr) in all_nodes(seeds).await? {
+        let status = node_status(&addr)
+            .await
+            .ok()
+            .and_then(|st| st.scrub)
+            .map(|s| ScrubNodeView {
+                done: s.phase == "idle"
+                    && s.local_done >= s.requested
+                    && s.finished_at_ms >= s.requested_at_ms,
+                phase: s.phase,
+                local_progress_pct: f64::from(s.leaves_done) * 100.0 / 65536.0,
+                verified_chunks: s.verified_chunks,
+                verified_bytes: s.verified_bytes,
+                corrupt: s.corrupt,
+                records_checked: s.records_checked,
+                missing: s.missing,
+                finished_at_ms: s.finished_at_ms,
+            });
+        out.push(ScrubView {
+            node: id,
+            address: addr,
+            status,
+        });
+    }
+    Ok(out)
 }
 
 /// Mounts the cluster at `mountpoint` and serves it until SIGINT/SIGTERM,

@@ -13,11 +13,12 @@ use proto::admin::admin_service_client::AdminServiceClient;
 use proto::admin::{StatusRequest, StatusResponse};
 use proto::meta::meta_service_client::MetaServiceClient;
 use proto::meta::{
-    Command, CommandResult, ErrorCode, ProposeRequest, Query, QueryRequest, QueryResult, Timespec,
+    Command, CommandResult, ErrorCode, ProposeRequest, Query, QueryRequest, QueryResult,
+    StorageState, Timespec,
 };
 use proto::storage::chunk_service_client::ChunkServiceClient;
 use proto::storage::{GetChunkRequest, PutChunkRequest};
-use proto::{ChunkId, FORMAT_VERSION, MAX_MESSAGE_BYTES};
+use proto::{placement, ChunkId, FORMAT_VERSION, MAX_MESSAGE_BYTES};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ClientError, Result};
@@ -30,8 +31,6 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// Timeout of a single RPC.
     pub rpc_timeout: Duration,
-    /// Copies of each chunk the client writes.
-    pub replication: usize,
 }
 
 impl ClusterConfig {
@@ -40,7 +39,6 @@ impl ClusterConfig {
             seeds,
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(10),
-            replication: 3,
         }
     }
 }
@@ -82,7 +80,34 @@ pub struct Cluster {
     /// Storage nodes that failed a call recently, and when: writes do not
     /// wait for them once a quorum is in, reads try them last.
     suspects: Mutex<HashMap<u64, Instant>>,
+    /// Storage nodes (group 0's record) and the cluster's replication factor.
+    storage: RwLock<Storage>,
 }
+
+#[derive(Clone, Debug, Default)]
+pub struct Storage {
+    /// Every storage node not removed: id → (address, state).
+    pub nodes: BTreeMap<u64, (String, StorageState)>,
+    pub replication: usize,
+    /// How long a layout commit may rely on a chunk-index answer.
+    pub commit_window: Duration,
+}
+
+impl Storage {
+    /// Nodes that take new chunks, in the order `id` prefers them.
+    fn targets(&self, id: &ChunkId) -> Vec<u64> {
+        placement(
+            id,
+            self.nodes
+                .iter()
+                .filter(|(_, (_, s))| *s == StorageState::StorageActive)
+                .map(|(n, _)| *n),
+        )
+    }
+}
+
+/// How often a client re-reads the cluster's members.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a failed storage node stays suspect without a new failure.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
@@ -100,8 +125,19 @@ impl Cluster {
             leaders: RwLock::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            storage: RwLock::new(Storage::default()),
         });
         cluster.refresh().await?;
+        // Keep up with nodes added, drained and removed; stops when the
+        // client is dropped.
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH_EVERY).await;
+                let Some(c) = weak.upgrade() else { return };
+                let _ = c.refresh_once().await;
+            }
+        });
         Ok(cluster)
     }
 
@@ -132,6 +168,7 @@ impl Cluster {
                         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
                         *self.group_count.write().unwrap_or_else(|e| e.into_inner()) =
                             st.group_count.max(1);
+                        self.set_storage(&st);
                         let mut leaders = self.leaders.write().unwrap_or_else(|e| e.into_inner());
                         for g in &st.groups {
                             if g.leader_id != 0 {
@@ -160,6 +197,58 @@ impl Cluster {
             errors.clear();
             tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
         }
+    }
+
+    /// One round of `refresh` over the known members, without retrying.
+    async fn refresh_once(&self) -> Result<()> {
+        for addr in self.peers().values() {
+            if let Ok(st) = self.status_of(addr).await {
+                if st.error.is_none() && !st.cluster_id.is_empty() {
+                    self.set_storage(&st);
+                    return Ok(());
+                }
+            }
+        }
+        Err(ClientError::Unavailable("no member answered".into()))
+    }
+
+    fn set_storage(&self, st: &StatusResponse) {
+        let mut nodes: BTreeMap<u64, (String, StorageState)> = st
+            .storage_nodes
+            .iter()
+            .filter(|n| n.state() != StorageState::StorageRemoved)
+            .map(|n| (n.node_id, (n.addr.clone(), n.state())))
+            .collect();
+        if nodes.is_empty() {
+            // Not recorded yet: every metadata node stores chunks.
+            nodes = st
+                .peers
+                .iter()
+                .map(|p| (p.node_id, (p.addr.clone(), StorageState::StorageActive)))
+                .collect();
+        }
+        let replication = if st.replication == 0 {
+            proto::DEFAULT_REPLICATION as usize
+        } else {
+            st.replication as usize
+        };
+        let window = match st.commit_window_secs {
+            0 => proto::DEFAULT_COMMIT_WINDOW_SECS,
+            w => w,
+        };
+        *self.storage.write().unwrap_or_else(|e| e.into_inner()) = Storage {
+            nodes,
+            replication,
+            commit_window: Duration::from_secs(u64::from(window)),
+        };
+    }
+
+    /// The storage nodes this client knows.
+    pub fn storage(&self) -> Storage {
+        self.storage
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub async fn status_of(&self, addr: &str) -> Result<StatusResponse> {
@@ -400,25 +489,41 @@ impl Cluster {
             .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
-    /// Stores a chunk on the storage nodes. Succeeds once a majority of the
-    /// replication factor holds it durably; returns the nodes that do.
+    /// Stores a chunk on the storage nodes the chunk prefers
+    /// (`proto::placement`), moving on to the next ones when a node fails
+    /// or is full. Succeeds once a majority of the replication factor holds
+    /// it durably; returns the nodes that do.
     pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
-        let peers = self.peers();
-        let rf = self.cfg.replication.min(peers.len()).max(1);
-        let quorum = rf / 2 + 1;
         let start = Instant::now();
         let mut backoff = backoff();
         let mut stored: Vec<u64> = Vec::new();
+        let mut failed: Vec<u64> = Vec::new();
         let mut errors: BTreeMap<u64, String> = BTreeMap::new();
         loop {
+            let storage = self.storage();
+            let rf = storage.replication.min(storage.nodes.len()).max(1);
+            let quorum = rf / 2 + 1;
+            let mut order = storage.targets(&id);
+            // Nodes that failed recently last (a stable sort keeps the rest).
+            order.sort_by_key(|n| self.is_suspect(*n));
+            if order
+                .iter()
+                .all(|n| stored.contains(n) || failed.contains(n))
+            {
+                // Every node was tried: try the failed ones again.
+                failed.clear();
+            }
             let mut pending = FuturesUnordered::new();
             let mut waiting: Vec<u64> = Vec::new();
             let missing = rf.saturating_sub(stored.len());
-            for (node, addr) in peers
+            for node in order
                 .iter()
-                .filter(|(n, _)| !stored.contains(n))
+                .filter(|n| !stored.contains(n) && !failed.contains(n))
                 .take(missing)
             {
+                let Some((addr, _)) = storage.nodes.get(node) else {
+                    continue;
+                };
                 let (node, addr, data) = (*node, addr.clone(), data.clone());
                 waiting.push(node);
                 let client = self.chunk_client(&addr);
@@ -473,6 +578,7 @@ impl Cluster {
                     }
                     Err(e) => {
                         errors.insert(node, e.to_string());
+                        failed.push(node);
                     }
                 }
             }
@@ -491,6 +597,10 @@ impl Cluster {
                     detail.join("; ")
                 )));
             }
+            if waiting.is_empty() && failed.len() + stored.len() < order.len() {
+                // Untried nodes remain: go on at once.
+                continue;
+            }
             tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
         }
     }
@@ -498,13 +608,14 @@ impl Cluster {
     /// Reads a chunk from one of `locations`, verifying its hash, falling
     /// back to other replicas and retrying until the deadline.
     pub async fn get_chunk(&self, id: ChunkId, locations: &[u64]) -> Result<Bytes> {
-        let peers = self.peers();
+        let storage = self.storage();
         let mut order: Vec<u64> = locations.to_vec();
-        // Nodes not listed may hold the chunk too (e.g. after a failed
-        // location update); try them last.
-        for n in peers.keys() {
-            if !order.contains(n) {
-                order.push(*n);
+        // Nodes not listed may hold the chunk too (a repair copy not yet
+        // recorded, or locations this client read before a repair); try
+        // them last, best-placed first.
+        for n in placement(&id, storage.nodes.keys().copied()) {
+            if !order.contains(&n) {
+                order.push(n);
             }
         }
         // Replicas that failed recently last (a stable sort keeps the rest).
@@ -514,7 +625,7 @@ impl Cluster {
         let mut last = String::new();
         loop {
             for node in &order {
-                let Some(addr) = peers.get(node) else {
+                let Some((addr, _)) = storage.nodes.get(node) else {
                     continue;
                 };
                 let mut c = self.chunk_client(addr)?;

@@ -61,7 +61,8 @@ impl ClientError {
                 | ErrorCode::WrongCluster
                 | ErrorCode::NotInitialized
                 | ErrorCode::AlreadyInitialized
-                | ErrorCode::UnknownChunk => libc::EIO,
+                | ErrorCode::UnknownChunk
+                | ErrorCode::Stale => libc::EIO,
             },
             ClientError::Unavailable(_) | ClientError::ChunkUnreadable { .. } => libc::EIO,
             ClientError::Connect(_) => libc::EIO,

@@ -89,6 +89,11 @@ struct FileState {
     size: u64,
     locations: HashMap<ChunkId, Vec<u64>>,
     new_chunks: Vec<NewChunk>,
+    /// The oldest chunk-index answer `new_chunks` rely on (leader ms; 0
+    /// when none), and when the first of them was added: a commit must
+    /// follow within the cluster's commit window.
+    checked_at_ms: u64,
+    pending_since: Option<std::time::Instant>,
     dirty: DirtyRuns,
     modified: bool,
     mtime: Option<Timespec>,
@@ -109,6 +114,8 @@ impl FileState {
             size: attr.size,
             locations,
             new_chunks: Vec::new(),
+            checked_at_ms: 0,
+            pending_since: None,
             dirty: DirtyRuns::default(),
             modified: false,
             mtime: None,
@@ -137,14 +144,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Fs {
     pub fn new(cluster: Arc<Cluster>, cache_bytes: usize) -> Arc<Self> {
-        Arc::new(Fs {
+        let fs = Arc::new(Fs {
             cluster,
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cache: Arc::new(Mutex::new(ChunkCache::new(cache_bytes))),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-        })
+        });
+        // Checkpoint slow writers at a quarter of the commit window; the
+        // task ends when the file system is dropped.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&fs);
+            rt.spawn(async move {
+                loop {
+                    let window = match weak.upgrade() {
+                        Some(fs) => fs.cluster.storage().commit_window,
+                        None => return,
+                    };
+                    let every = (window / 8).clamp(
+                        std::time::Duration::from_millis(200),
+                        std::time::Duration::from_secs(60),
+                    );
+                    tokio::time::sleep(every).await;
+                    let Some(fs) = weak.upgrade() else { return };
+                    fs.checkpoint(window / 4).await;
+                }
+            });
+        }
+        fs
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {
@@ -553,7 +581,7 @@ impl Fs {
             ));
         }
         let ids: BTreeSet<ChunkId> = r.extents.iter().filter_map(layout::extent_chunk).collect();
-        let infos = self.chunk_info(ids.into_iter().collect()).await?;
+        let (infos, _) = self.chunk_info(ids.into_iter().collect()).await?;
         let locations = infos
             .into_iter()
             .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
@@ -561,14 +589,16 @@ impl Fs {
         Ok(FileState::new(attr, r.extents, locations))
     }
 
-    /// Chunk-index entries, asked of each chunk's shard in batches.
-    async fn chunk_info(&self, ids: Vec<ChunkId>) -> Result<Vec<ChunkInfo>> {
+    /// Chunk-index entries, asked of each chunk's shard in batches, and
+    /// the oldest answer's time (leader clock, ms).
+    async fn chunk_info(&self, ids: Vec<ChunkId>) -> Result<(Vec<ChunkInfo>, u64)> {
         let groups = self.cluster.group_count();
         let mut by_group: HashMap<u32, Vec<ChunkId>> = HashMap::new();
         for id in ids {
             by_group.entry(id.group(groups)).or_default().push(id);
         }
         let mut out = Vec::new();
+        let mut oldest = u64::MAX;
         for (g, ids) in by_group {
             for batch in ids.chunks(1024) {
                 let r = self
@@ -580,10 +610,11 @@ impl Fs {
                         }),
                     )
                     .await?;
+                oldest = oldest.min(r.now_ms);
                 out.extend(r.chunks);
             }
         }
-        Ok(out)
+        Ok((out, if oldest == u64::MAX { 0 } else { oldest }))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<AsyncMutex<FileState>>> {
@@ -778,9 +809,8 @@ impl Fs {
         let mut unique: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         unique.sort();
         unique.dedup();
-        let known: HashMap<ChunkId, ChunkInfo> = self
-            .chunk_info(unique)
-            .await?
+        let (infos, checked_at) = self.chunk_info(unique).await?;
+        let known: HashMap<ChunkId, ChunkInfo> = infos
             .into_iter()
             .filter(|i| i.known && !i.locations.is_empty())
             .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i)))
@@ -823,6 +853,13 @@ impl Fs {
                 locations: locs,
             });
         }
+        if !st.new_chunks.is_empty() {
+            st.checked_at_ms = match st.checked_at_ms {
+                0 => checked_at,
+                t => t.min(checked_at),
+            };
+            st.pending_since.get_or_insert_with(std::time::Instant::now);
+        }
         for c in chunks {
             // Keep the cache warm with what was just written.
             lock(&self.cache).insert(c.id, c.data.clone());
@@ -845,30 +882,93 @@ impl Fs {
             return Ok(());
         }
         self.spill(st, true).await?;
-        let op = CommitLayoutOp {
-            ino: st.ino,
-            extents: st.extents.clone(),
-            size: st.size,
-            new_chunks: st.new_chunks.clone(),
-            mtime: st.mtime,
-            kill_suid: false,
-        };
-        match self
-            .cluster
-            .propose(group_of_ino(st.ino), Op::CommitLayout(op))
-            .await
-        {
-            Ok(_) => {}
-            // The file was deleted meanwhile: its content is gone with it.
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-                tracing::debug!(ino = st.ino, "commit to a deleted file dropped");
+        let mut rechecked = false;
+        loop {
+            let op = CommitLayoutOp {
+                ino: st.ino,
+                extents: st.extents.clone(),
+                size: st.size,
+                new_chunks: st.new_chunks.clone(),
+                mtime: st.mtime,
+                kill_suid: false,
+                checked_at_ms: st.checked_at_ms,
+            };
+            match self
+                .cluster
+                .propose(group_of_ino(st.ino), Op::CommitLayout(op))
+                .await
+            {
+                Ok(_) => break,
+                // The file was deleted meanwhile: its content is gone with it.
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                    tracing::debug!(ino = st.ino, "commit to a deleted file dropped");
+                    break;
+                }
+                Err(e) if e.code() == Some(ErrorCode::Stale) && !rechecked => {
+                    rechecked = true;
+                    self.recheck(st).await?;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         st.new_chunks.clear();
+        st.checked_at_ms = 0;
+        st.pending_since = None;
         st.modified = false;
         st.mtime = None;
         Ok(())
+    }
+
+    /// After a commit was refused as stale: asks the index again about the
+    /// uncommitted chunks and stores again those it no longer vouches for
+    /// (they may have been freed meanwhile), from the cache.
+    async fn recheck(&self, st: &mut FileState) -> Result<()> {
+        let ids: Vec<ChunkId> = st
+            .new_chunks
+            .iter()
+            .filter_map(|n| ChunkId::try_from(&n.chunk_id[..]).ok())
+            .collect();
+        let (infos, checked_at) = self.chunk_info(ids).await?;
+        let known: HashMap<ChunkId, ChunkInfo> = infos
+            .into_iter()
+            .filter(|i| i.known && !i.locations.is_empty())
+            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i)))
+            .collect();
+        for n in st.new_chunks.iter_mut() {
+            let Ok(id) = ChunkId::try_from(&n.chunk_id[..]) else {
+                continue;
+            };
+            if let Some(info) = known.get(&id) {
+                n.locations = info.locations.clone();
+                continue;
+            }
+            let Some(data) = lock(&self.cache).get(&id) else {
+                return Err(ClientError::Unavailable(format!(
+                    "chunk {id} of inode {} was written more than the cluster's commit window \
+                     ago and is no longer cached here; write the file again",
+                    st.ino
+                )));
+            };
+            n.locations = self.cluster.put_chunk(id, data).await?;
+            st.locations.insert(id, n.locations.clone());
+        }
+        st.checked_at_ms = checked_at;
+        Ok(())
+    }
+
+    /// Commits open files whose uncommitted chunks are getting old, so a
+    /// commit never outlives the cluster's commit window (a file written
+    /// slowly for hours shows its content so far to other clients).
+    async fn checkpoint(&self, older_than: std::time::Duration) {
+        let files: Vec<Arc<AsyncMutex<FileState>>> = lock(&self.files).values().cloned().collect();
+        for f in files {
+            let Ok(mut st) = f.try_lock() else { continue };
+            if st.pending_since.is_some_and(|t| t.elapsed() >= older_than) {
+                if let Err(e) = self.commit(&mut st).await {
+                    tracing::warn!(ino = st.ino, error = %e, "checkpoint commit failed");
+                }
+            }
+        }
     }
 
     pub async fn flush(&self, fh: u64) -> Result<()> {
@@ -907,6 +1007,16 @@ impl Fs {
             attr = self.lookup(attr.ino, comp.as_bytes()).await?;
         }
         Ok(attr)
+    }
+
+    /// The chunks of a file's committed layout and where the chunk index
+    /// says each is stored (for tools and tests).
+    pub async fn chunk_locations(&self, path: &str) -> Result<Vec<(ChunkId, Vec<u64>)>> {
+        let attr = self.resolve(path).await?;
+        let st = self.load(attr.ino).await?;
+        let mut v: Vec<(ChunkId, Vec<u64>)> = st.locations.into_iter().collect();
+        v.sort();
+        Ok(v)
     }
 
     /// Reads a whole file by path.

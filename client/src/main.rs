@@ -86,6 +86,44 @@ enum Cmd {
         cluster: String,
         path: String,
     },
+    /// Storage nodes: add, drain, remove (see `musicfs status` for the list).
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Free chunks no file uses any more (a pass runs by itself every
+    /// minute; this runs one now and reports).
+    Gc {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        /// Only report what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every stored chunk, verify it, and repair bad or missing
+    /// replicas from good ones.
+    Scrub {
+        #[command(subcommand)]
+        cmd: ScrubCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScrubCmd {
+    /// Start a scrub on every node (throttled: `scrub_mib_per_sec`).
+    Start {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+    },
+    /// Progress of the scrub on every node (exit code 3 while one runs).
+    Status {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +137,42 @@ enum ClusterCmd {
         /// replica of each, and leaders spread evenly over the nodes.
         #[arg(long, default_value_t = admin::DEFAULT_GROUPS)]
         groups: u32,
+        /// Copies kept of every chunk (at most the number of nodes).
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
+        /// Seconds a file's new layout may rely on what the chunk index said
+        /// about its chunks; unreferenced chunks are freed about twice this
+        /// after their last use (default 3600).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        commit_window_secs: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Add a storage node: start `musicfs-node` with a new id first.
+    Add {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        /// The new node's id.
+        id: u64,
+        /// The address it listens on (HOST:PORT).
+        addr: String,
+    },
+    /// Stop placing chunks on a storage node and copy its chunks to the
+    /// others; prints how many chunk records still list it. Run again to
+    /// follow progress; when it reports 0 the node can be removed.
+    Drain {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        id: u64,
+    },
+    /// Remove a drained storage node for good (refused while chunks still
+    /// depend on it). Its id is never reused.
+    Remove {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        id: u64,
     },
 }
 
@@ -127,6 +201,107 @@ fn main() {
     }
 }
 
+async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
+    match cmd {
+        ScrubCmd::Start { cluster } => {
+            let failed = admin::scrub_start(&parse_seeds(&cluster)?).await?;
+            if failed.is_empty() {
+                println!("scrub started on every node; `musicfs scrub status` shows progress");
+            } else {
+                println!("scrub started, but these nodes could not be asked:");
+                for f in &failed {
+                    println!("  {f}");
+                }
+                std::process::exit(2);
+            }
+        }
+        ScrubCmd::Status { cluster, json } => {
+            let v = admin::scrub_status(&parse_seeds(&cluster)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:>4}  {:<22} {:<6} {:>7} {:>10} {:>10} {:>8} {:>10} {:>8}",
+                    "NODE",
+                    "ADDRESS",
+                    "PHASE",
+                    "LOCAL",
+                    "VERIFIED",
+                    "BYTES",
+                    "CORRUPT",
+                    "CHECKED",
+                    "MISSING"
+                );
+                for n in &v {
+                    match &n.status {
+                        Some(s) => println!(
+                            "{:>4}  {:<22} {:<6} {:>6.1}% {:>10} {:>10} {:>8} {:>10} {:>8}",
+                            n.node,
+                            n.address,
+                            s.phase,
+                            s.local_progress_pct,
+                            s.verified_chunks,
+                            admin::human(s.verified_bytes),
+                            s.corrupt,
+                            s.records_checked,
+                            s.missing
+                        ),
+                        None => println!("{:>4}  {:<22} does not answer", n.node, n.address),
+                    }
+                }
+            }
+            if v.iter().any(|n| n.status.as_ref().is_some_and(|s| !s.done)) {
+                std::process::exit(3);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn node_cmd(cmd: NodeCmd) -> Result<()> {
+    use proto::meta::StorageState;
+    match cmd {
+        NodeCmd::Add { cluster, id, addr } => {
+            parse_seeds(&addr)?;
+            admin::set_storage_node(
+                &parse_seeds(&cluster)?,
+                id,
+                &addr,
+                StorageState::StorageActive,
+            )
+            .await?;
+            println!(
+                "storage node {id} at {addr} added; new chunks are placed on it and repair uses it"
+            );
+        }
+        NodeCmd::Drain { cluster, id } => {
+            let left = admin::set_storage_node(
+                &parse_seeds(&cluster)?,
+                id,
+                "",
+                StorageState::StorageDraining,
+            )
+            .await?;
+            if left == 0 {
+                println!("storage node {id} is drained: no chunk depends on it; `musicfs node remove {id}` is safe");
+            } else {
+                println!("storage node {id} is draining: {left} chunk record(s) still list it");
+            }
+        }
+        NodeCmd::Remove { cluster, id } => {
+            admin::set_storage_node(
+                &parse_seeds(&cluster)?,
+                id,
+                "",
+                StorageState::StorageRemoved,
+            )
+            .await?;
+            println!("storage node {id} removed");
+        }
+    }
+    Ok(())
+}
+
 async fn connect(cluster: &str, deadline: Duration) -> Result<std::sync::Arc<Cluster>> {
     let mut cfg = ClusterConfig::new(parse_seeds(cluster)?);
     cfg.deadline = deadline;
@@ -136,14 +311,83 @@ async fn connect(cluster: &str, deadline: Duration) -> Result<std::sync::Arc<Clu
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Cluster {
-            cmd: ClusterCmd::Init { peers, groups },
+            cmd:
+                ClusterCmd::Init {
+                    peers,
+                    groups,
+                    replication,
+                    commit_window_secs,
+                },
         } => {
             let peers = admin::parse_peers(&peers)?;
-            let id = admin::init_cluster(&peers, groups).await?;
+            let id = admin::init_cluster(
+                &peers,
+                admin::InitOptions {
+                    groups,
+                    replication,
+                    commit_window_secs,
+                },
+            )
+            .await?;
             println!(
-                "initialised cluster {id} with {} nodes and {groups} metadata group(s)",
+                "initialised cluster {id} with {} nodes, {groups} metadata group(s), {replication} copies of every chunk",
                 peers.len()
             );
+        }
+        Cmd::Node { cmd } => node_cmd(cmd).await?,
+        Cmd::Scrub { cmd } => scrub_cmd(cmd).await?,
+        Cmd::Gc {
+            cluster,
+            dry_run,
+            json,
+        } => {
+            let r = admin::gc(&parse_seeds(&cluster)?, dry_run).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "reclaimable_chunks": r.reclaimable_chunks,
+                        "reclaimable_bytes": r.reclaimable_bytes,
+                        "waiting_chunks": r.waiting_chunks,
+                        "waiting_bytes": r.waiting_bytes,
+                        "reaped_chunks": r.reaped_chunks,
+                        "deleted_files": r.deleted_files,
+                        "deleted_bytes": r.deleted_bytes,
+                        "settled_groups": r.settled_groups,
+                        "led_groups": r.led_groups,
+                        "errors": r.last_error,
+                    })
+                );
+            } else {
+                println!(
+                    "{} {} unreferenced chunk(s), {}, past the grace period{}",
+                    if dry_run { "would free" } else { "freeing" },
+                    r.reclaimable_chunks,
+                    admin::human(r.reclaimable_bytes),
+                    if dry_run { "" } else { " (now)" }
+                );
+                println!(
+                    "{} more unreferenced chunk(s), {}, still within it",
+                    r.waiting_chunks,
+                    admin::human(r.waiting_bytes)
+                );
+                println!(
+                    "freed so far (since the nodes started): {} record(s), {} file(s), {}",
+                    r.reaped_chunks,
+                    r.deleted_files,
+                    admin::human(r.deleted_bytes)
+                );
+                if r.settled_groups < r.led_groups {
+                    println!(
+                        "{} of {} group(s) have not settled yet: nothing is freed in them until every reference queued for them is applied",
+                        r.led_groups - r.settled_groups,
+                        r.led_groups
+                    );
+                }
+                if !r.last_error.is_empty() {
+                    println!("errors: {}", r.last_error);
+                }
+            }
         }
         Cmd::Status { cluster, json } => {
             let view = admin::cluster_status(&parse_seeds(&cluster)?).await?;
@@ -338,7 +582,7 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     }
     if statuses.iter().all(|s| s.cluster_id.is_empty()) {
         let peers = admin::parse_peers(&peers.join(","))?;
-        let id = admin::init_cluster(&peers, admin::DEFAULT_GROUPS).await?;
+        let id = admin::init_cluster(&peers, admin::InitOptions::default()).await?;
         eprintln!("initialised cluster {id}");
     }
     let mnt = dir.join("mnt");

@@ -181,7 +181,7 @@ pub async fn run(router: Arc<Router>) {
 }
 
 /// Stops a task when its owner is dropped (the node shuts down).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -104,6 +104,8 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
     let mut kept: HashMap<u32, proto::meta::PendingRecord> = HashMap::new();
     let mut acked: HashMap<(u32, u32), u64> = HashMap::new();
     let mut lowest_queued: HashMap<(u32, u32), u64> = HashMap::new();
+    let mut under: HashMap<ChunkId, u32> = HashMap::new();
+    let mut zero: HashMap<ChunkId, (u32, u64)> = HashMap::new();
     for g in 0..count {
         for_each(kv, g, |k, v| {
             let tag = k.get(4).copied().unwrap_or(0);
@@ -196,6 +198,18 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                 keys::WATERMARK => {
                     applied.insert((u32_at(rest), g), u64_at(v, 0));
                 }
+                keys::ZERO => match ChunkId::try_from(&rest[8.min(rest.len())..]) {
+                    Ok(id) => {
+                        zero.insert(id, (g, u64_at(rest, 0)));
+                    }
+                    Err(_) => problems.push(format!("group {g}: bad unreferenced-index key")),
+                },
+                keys::UNDER => match ChunkId::try_from(rest) {
+                    Ok(id) => {
+                        under.insert(id, g);
+                    }
+                    Err(_) => problems.push(format!("group {g}: bad under-replicated key")),
+                },
                 _ => {}
             }
         })?;
@@ -217,6 +231,20 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
             problems.push(format!(
                 "group {}: batch {low} to group {} kept after acknowledgement up to {a}",
                 pair.0, pair.1
+            ));
+        }
+    }
+    for (id, (g, _)) in &zero {
+        if !chunks.contains_key(id) {
+            problems.push(format!(
+                "group {g}: chunk {id} listed as unreferenced but not indexed"
+            ));
+        }
+    }
+    for (id, g) in &under {
+        if !chunks.contains_key(id) {
+            problems.push(format!(
+                "group {g}: chunk {id} listed as under-replicated but not indexed"
             ));
         }
     }
@@ -345,9 +373,43 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
         }
     }
     let mut live: HashMap<u32, (u64, u64)> = HashMap::new();
+    // The under-replicated index lists exactly the live chunks with fewer
+    // locations than the replication factor.
+    let mut short: HashMap<u32, u64> = HashMap::new();
     for (id, (g, c)) in &chunks {
         if id.group(count) != *g {
             problems.push(format!("chunk {id} indexed by group {g}"));
+        }
+        let rf = records
+            .get(g)
+            .map(crate::namespace::placement::replication_of)
+            .unwrap_or(proto::DEFAULT_REPLICATION);
+        let is_short = c.refcount > 0 && (c.locations.len() as u32) < rf;
+        if is_short {
+            *short.entry(*g).or_default() += 1;
+        }
+        // The unreferenced index lists exactly the chunks nothing references,
+        // under the time they became so.
+        let zero_at = c.zero_since.map(|t| t.as_millis()).unwrap_or(0);
+        match (c.refcount == 0, zero.get(id)) {
+            (true, Some((zg, at))) if zg == g && *at == zero_at => {}
+            (false, None) => {}
+            (unreferenced, entry) => problems.push(format!(
+                "chunk {id}: refcount {} but unreferenced-index entry {entry:?} (since {zero_at}, {unreferenced})",
+                c.refcount
+            )),
+        }
+        if is_short != (under.get(id) == Some(g)) {
+            problems.push(format!(
+                "chunk {id}: {} locations, refcount {}, but {} the under-replicated index",
+                c.locations.len(),
+                c.refcount,
+                if is_short {
+                    "missing from"
+                } else {
+                    "listed in"
+                }
+            ));
         }
         if c.refcount > 0 {
             if !refs.contains_key(id) {
@@ -395,6 +457,13 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
             problems.push(format!(
                 "group {g}: inode count {} but {n} inodes",
                 rec.inode_count
+            ));
+        }
+        let u = short.get(g).copied().unwrap_or(0);
+        if rec.under_replicated != u {
+            problems.push(format!(
+                "group {g}: counts {} under-replicated chunks, holds {u}",
+                rec.under_replicated
             ));
         }
         let (c, b) = live.get(g).copied().unwrap_or_default();

@@ -57,17 +57,25 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {
 pub struct ChunkStore {
     root: PathBuf,
     tmp: PathBuf,
+    /// Corrupt chunks moved aside (kept for inspection, never served).
+    bad: PathBuf,
     reserve: u64,
     chunks: AtomicU64,
     bytes: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Put, delete and quarantine of one chunk exclude each other (striped
+    /// by id), so a delete never removes a copy a put just confirmed.
+    locks: Vec<std::sync::Mutex<()>>,
 }
+
+const LOCK_STRIPES: usize = 256;
 
 impl ChunkStore {
     /// Opens (creating if needed) a store under `dir`, counting what it holds.
     pub fn open(dir: &Path, reserve: u64) -> Result<Self, ChunkError> {
         let root = dir.join("chunks");
         let tmp = dir.join("chunks.tmp");
+        let bad = dir.join("chunks.bad");
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         // Leftover temporaries are writes that never completed.
         if tmp.exists() {
@@ -77,10 +85,14 @@ impl ChunkStore {
         let store = ChunkStore {
             root,
             tmp,
+            bad,
             reserve,
             chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| std::sync::Mutex::new(()))
+                .collect(),
         };
         store.count()?;
         Ok(store)
@@ -141,8 +153,20 @@ impl ChunkStore {
             return Err(ChunkError::HashMismatch(*id));
         }
         let path = self.path_of(id);
+        let _guard = self.lock(id);
         if path.exists() {
-            return Ok(false);
+            // A copy on disk that rotted is replaced, not trusted.
+            match self.get(id) {
+                Ok(_) => {
+                    // Written again now: garbage collection keeps files
+                    // written after its horizon (a commit may name them).
+                    self.touch(&path)?;
+                    return Ok(false);
+                }
+                Err(ChunkError::Corrupt { .. }) => self.quarantine_locked(id)?,
+                Err(ChunkError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         let (free, _) = self.disk_space()?;
         if free < self.reserve + data.len() as u64 {
@@ -208,6 +232,123 @@ impl ChunkStore {
     }
 }
 
+impl ChunkStore {
+    /// Moves a chunk's file aside to `chunks.bad/` (a corrupt copy): it is
+    /// no longer served, and the node reports it missing.
+    pub fn quarantine(&self, id: &ChunkId) -> Result<(), ChunkError> {
+        let _guard = self.lock(id);
+        self.quarantine_locked(id)
+    }
+
+    fn lock(&self, id: &ChunkId) -> std::sync::MutexGuard<'_, ()> {
+        self.locks[usize::from(id.0[15]) % LOCK_STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, path: &Path) -> Result<(), ChunkError> {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_modified(std::time::SystemTime::now())
+            .map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))
+    }
+
+    /// When the chunk's file was last written or put again (ms since 1970).
+    pub fn written_ms(&self, id: &ChunkId) -> Option<u64> {
+        let m = fs::metadata(self.path_of(id)).ok()?.modified().ok()?;
+        Some(
+            m.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        )
+    }
+
+    /// Deletes a chunk if its file was last written before `older_than_ms`
+    /// (garbage collection); returns the bytes freed, None if kept or absent.
+    pub fn delete_older(
+        &self,
+        id: &ChunkId,
+        older_than_ms: u64,
+    ) -> Result<Option<u64>, ChunkError> {
+        let _guard = self.lock(id);
+        let path = self.path_of(id);
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let written = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(u64::MAX);
+        if written >= older_than_ms {
+            return Ok(None);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.chunks.fetch_sub(1, Ordering::Relaxed);
+        let len = meta.len().min(self.bytes.load(Ordering::Relaxed));
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        Ok(Some(meta.len()))
+    }
+
+    fn quarantine_locked(&self, id: &ChunkId) -> Result<(), ChunkError> {
+        let path = self.path_of(id);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        fs::create_dir_all(&self.bad).map_err(io_err(&self.bad))?;
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let to = self
+            .bad
+            .join(format!("{}.{}.{seq}", id.to_hex(), std::process::id()));
+        match fs::rename(&path, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        self.chunks.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(
+            len.min(self.bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        tracing::error!(%id, moved_to = %to.display(), "corrupt chunk moved aside");
+        Ok(())
+    }
+
+    /// The chunks (id and size) in leaf directory `leaf` (the first two
+    /// bytes of their ids): a scrub walks the 65,536 leaves in order.
+    pub fn leaf(&self, leaf: u16) -> Result<Vec<(ChunkId, u64)>, ChunkError> {
+        let [a, b] = leaf.to_be_bytes();
+        let dir = self.root.join(format!("{a:02x}")).join(format!("{b:02x}"));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err(&dir))?;
+            let Some(id) = e.file_name().to_str().and_then(ChunkId::from_hex) else {
+                continue;
+            };
+            out.push((id, e.metadata().map(|m| m.len()).unwrap_or(0)));
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -263,6 +404,37 @@ mod tests {
         drop(store);
         let store = ChunkStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.chunk_count(), 1);
+    }
+
+    #[test]
+    fn delete_keeps_chunks_written_after_the_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 0).unwrap();
+        let data = b"garbage?".to_vec();
+        let id = ChunkId::of(&data);
+        store.put(&id, &data).unwrap();
+        let written = store.written_ms(&id).unwrap();
+        assert_eq!(store.delete_older(&id, written).unwrap(), None, "kept");
+        assert!(store.has(&id));
+        // A put of a chunk already held counts as a new write.
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        File::options()
+            .write(true)
+            .open(store.path_of(&id))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(store.written_ms(&id), Some(1_000_000));
+        assert!(!store.put(&id, &data).unwrap());
+        assert!(store.written_ms(&id).unwrap() >= written);
+        assert_eq!(store.delete_older(&id, written).unwrap(), None);
+        assert_eq!(
+            store.delete_older(&id, u64::MAX).unwrap(),
+            Some(data.len() as u64)
+        );
+        assert!(!store.has(&id));
+        assert_eq!(store.chunk_count(), 0);
+        assert_eq!(store.delete_older(&id, u64::MAX).unwrap(), None);
     }
 
     #[test]

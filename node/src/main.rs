@@ -35,6 +35,25 @@ struct Args {
     /// Disk space (MiB) the chunk store leaves free.
     #[arg(long)]
     reserve_mib: Option<u64>,
+    /// Seconds a storage node may stay silent before its chunks are
+    /// re-replicated elsewhere (default 600).
+    #[arg(long)]
+    repair_after_secs: Option<u64>,
+    /// MiB per second repair may copy (default 100; 0: unlimited).
+    #[arg(long)]
+    repair_mib_per_sec: Option<u64>,
+    /// MiB per second a scrub may read (default 50; 0: unlimited).
+    #[arg(long)]
+    scrub_mib_per_sec: Option<u64>,
+    /// Hours between automatic scrubs (default 720; 0: only when asked).
+    #[arg(long)]
+    scrub_every_hours: Option<u64>,
+    /// Seconds between garbage-collection passes (default 60).
+    #[arg(long)]
+    gc_every_secs: Option<u64>,
+    /// Seconds between sweeps of this node's chunk files (default 21600; 0: never).
+    #[arg(long)]
+    gc_sweep_every_secs: Option<u64>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -116,6 +135,24 @@ fn config(a: Args) -> Result<NodeConfig> {
     }
     if let Some(v) = a.reserve_mib {
         set("reserve_mib", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.repair_after_secs {
+        set("repair_after_secs", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.repair_mib_per_sec {
+        set("repair_mib_per_sec", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.scrub_mib_per_sec {
+        set("scrub_mib_per_sec", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.scrub_every_hours {
+        set("scrub_every_hours", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.gc_every_secs {
+        set("gc_every_secs", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.gc_sweep_every_secs {
+        set("gc_sweep_every_secs", toml::Value::Integer(v as i64));
     }
     let cfg: NodeConfig = toml::Value::Table(table)
         .try_into()

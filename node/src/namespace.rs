@@ -19,6 +19,7 @@ use proto::{
     dir_group, group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO,
 };
 
+pub mod placement;
 pub mod txn;
 pub use txn::{DecisionInfo, IntentInfo, OutboxInfo};
 
@@ -75,6 +76,8 @@ pub enum NsError {
     NotInitialized,
     #[error("{0} is locked by an operation in progress")]
     Busy(String),
+    #[error("stale layout commit: {0}")]
+    Stale(String),
     #[error(transparent)]
     Kv(#[from] KvError),
 }
@@ -97,6 +100,7 @@ impl NsError {
             NsError::FileTooBig(_) => ErrorCode::FileTooBig,
             NsError::NotInitialized => ErrorCode::NotInitialized,
             NsError::Busy(_) => ErrorCode::Busy,
+            NsError::Stale(_) => ErrorCode::Stale,
             NsError::Kv(KvError::Corrupt { .. }) => ErrorCode::Corrupt,
             NsError::Kv(KvError::Storage(_)) => ErrorCode::Internal,
         };
@@ -180,6 +184,12 @@ pub mod keys {
     pub const OUT_ACKED: u8 = b'A';
     /// Counts of open intents and decisions (`PendingRecord`).
     pub const PENDING: u8 = b'P';
+    /// Live chunks with fewer locations than the replication factor.
+    pub const UNDER: u8 = b'U';
+    /// Storage nodes (group 0).
+    pub const STORAGE: u8 = b'N';
+    /// Unreferenced chunks by the time their refcount reached zero.
+    pub const ZERO: u8 = b'z';
     /// The key the directory-rename lock is taken on (group 0).
     pub const RENAME_LOCK: &[u8] = b"Zrename";
 
@@ -216,6 +226,34 @@ pub mod keys {
         let mut k = tagged(group, CHUNK, 16);
         k.extend_from_slice(id);
         k
+    }
+    pub fn chunk_prefix(group: u32) -> Vec<u8> {
+        tagged(group, CHUNK, 0)
+    }
+    pub fn under(group: u32, id: &[u8; 16]) -> Vec<u8> {
+        let mut k = tagged(group, UNDER, 16);
+        k.extend_from_slice(id);
+        k
+    }
+    pub fn under_prefix(group: u32) -> Vec<u8> {
+        tagged(group, UNDER, 0)
+    }
+    pub fn zero(group: u32, since_ms: u64, id: &[u8; 16]) -> Vec<u8> {
+        let mut k = tagged(group, ZERO, 24);
+        k.extend_from_slice(&since_ms.to_be_bytes());
+        k.extend_from_slice(id);
+        k
+    }
+    pub fn zero_prefix(group: u32) -> Vec<u8> {
+        tagged(group, ZERO, 0)
+    }
+    pub fn storage_node(group: u32, node: u64) -> Vec<u8> {
+        let mut k = tagged(group, STORAGE, 8);
+        k.extend_from_slice(&node.to_be_bytes());
+        k
+    }
+    pub fn storage_prefix(group: u32) -> Vec<u8> {
+        tagged(group, STORAGE, 0)
     }
     pub fn group_record(group: u32) -> Vec<u8> {
         tagged(group, GROUP, 0)
@@ -331,6 +369,16 @@ impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
     }
     fn delete(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
+    }
+    /// Deletes a key this command may itself have written: a key that is
+    /// not in the store is simply not written (no tombstone is left).
+    fn unput(&mut self, key: Vec<u8>) -> Result<(), KvError> {
+        if matches!(self.writes.get(&key), Some(Some(_))) && self.base.get(&key)?.is_none() {
+            self.writes.remove(&key);
+        } else {
+            self.writes.insert(key, None);
+        }
+        Ok(())
     }
 }
 
@@ -623,6 +671,10 @@ impl Namespace {
             Op::TxnGc(op) => self.txn_gc(txn, op),
             Op::DeliverRefs(op) => self.deliver_refs(txn, op, now),
             Op::AckRefs(op) => self.ack_refs(txn, op),
+            Op::SetStorageNode(op) => self.set_storage_node(txn, op, now),
+            Op::UpdateLocations(op) => self.update_locations(txn, op),
+            Op::ReapChunks(op) => self.reap_chunks(txn, op),
+            Op::Settle(op) => self.settle(txn, op),
         }
     }
 
@@ -692,8 +744,26 @@ impl Namespace {
             group_count: op.group_count.max(1),
             // Sequence 1 of group 0 is the root directory.
             next_seq: 2,
+            replication: if op.replication == 0 {
+                proto::DEFAULT_REPLICATION
+            } else {
+                op.replication
+            },
+            commit_window_secs: if op.commit_window_secs == 0 {
+                proto::DEFAULT_COMMIT_WINDOW_SECS
+            } else {
+                op.commit_window_secs
+            },
             ..Default::default()
         };
+        if self.group == 0 {
+            for n in &op.storage_nodes {
+                let mut n = n.clone();
+                n.state = proto::meta::StorageState::StorageActive as i32;
+                n.since = Some(now);
+                txn.put(keys::storage_node(0, n.node_id), &n);
+            }
+        }
         let mut result = CommandResult::default();
         if self.group == 0 {
             let root = InodeRecord {
@@ -1228,7 +1298,8 @@ impl Namespace {
         locations: &[u64],
         now: Timespec,
     ) -> Result<(), NsError> {
-        let mut rec = self.load_chunk(txn, id)?.unwrap_or(ChunkRecord {
+        let old = self.load_chunk(txn, id)?;
+        let mut rec = old.clone().unwrap_or(ChunkRecord {
             size,
             refcount: 0,
             locations: Vec::new(),
@@ -1265,8 +1336,7 @@ impl Namespace {
             stats.chunk_count = stats.chunk_count.saturating_sub(1);
             stats.chunk_bytes = stats.chunk_bytes.saturating_sub(rec.size);
         }
-        txn.put(keys::chunk(self.group, &id.0), &rec);
-        Ok(())
+        self.store_chunk(txn, stats, id, old.as_ref(), &rec)
     }
 
     fn commit_layout<R: KvRead + ?Sized>(
@@ -1284,7 +1354,19 @@ impl Namespace {
         if op.size > MAX_FILE_SIZE {
             return Err(NsError::FileTooBig(op.size));
         }
-        let group_count = self.group_record(txn)?.group_count;
+        let mut stats = self.group_record(txn)?;
+        let group_count = stats.group_count;
+        if !op.new_chunks.is_empty() {
+            let window = placement::commit_window_ms(&stats);
+            let age = now.as_millis().saturating_sub(op.checked_at_ms);
+            if op.checked_at_ms == 0 || age > window {
+                return Err(NsError::Stale(format!(
+                    "the chunk index was asked {} s before this commit; the limit is {} s",
+                    age / 1000,
+                    window / 1000
+                )));
+            }
+        }
         // Register uploaded chunks first so the layout can reference them;
         // chunks indexed by other groups are registered there through the
         // outbox, with the reference change.
@@ -1302,7 +1384,8 @@ impl Namespace {
                 entry.1.extend(nc.locations.iter().copied());
                 continue;
             }
-            let mut c = self.load_chunk(txn, &id)?.unwrap_or(ChunkRecord {
+            let old = self.load_chunk(txn, &id)?;
+            let mut c = old.clone().unwrap_or(ChunkRecord {
                 size: nc.size,
                 refcount: 0,
                 locations: Vec::new(),
@@ -1320,8 +1403,9 @@ impl Namespace {
                 }
             }
             c.locations.sort_unstable();
-            txn.put(keys::chunk(self.group, &id.0), &c);
+            self.store_chunk(txn, &mut stats, &id, old.as_ref(), &c)?;
         }
+        txn.put(keys::group_record(self.group), &stats);
         // Validate the layout: sorted, non-overlapping, inside the file and
         // inside each referenced chunk.
         let old = self.load_layout(txn, op.ino)?;
@@ -1474,10 +1558,13 @@ impl Namespace {
                 for raw in &c.chunk_ids {
                     let id =
                         ChunkId::try_from(&raw[..]).map_err(|e| NsError::Invalid(e.to_string()))?;
+                    out.now_ms = Timespec::now().as_millis();
                     let info = match self.load_chunk(kv, &id)? {
+                        // An unreferenced chunk may be freed any time: a
+                        // writer must upload it again, not rely on it.
                         Some(rec) => ChunkInfo {
                             chunk_id: raw.clone(),
-                            known: true,
+                            known: rec.refcount > 0,
                             size: rec.size,
                             refcount: rec.refcount,
                             locations: rec.locations,
@@ -1490,6 +1577,10 @@ impl Namespace {
                     out.chunks.push(info);
                 }
             }
+            Q::StorageNodes(_) => self.query_storage_nodes(kv, &mut out)?,
+            Q::NodeChunks(q) => out.count = self.count_node_chunks(kv, q.node_id)?,
+            Q::OutSeq(q) => out.count = self.next_out_seq(kv, q.target)?,
+            Q::Holds(q) => self.query_holds(kv, q, &mut out)?,
             Q::StatFs(_) => {
                 let g = self.group_record(kv)?;
                 out.stat_fs = Some(StatFs {

@@ -109,7 +109,14 @@ pub struct Router {
     registry: Arc<Registry>,
     channels: Mutex<HashMap<String, Channel>>,
     deadline: Duration,
+    /// Rotates over the metadata nodes when this node hosts no replica of
+    /// a group (a storage-only node) and no hint names the leader.
+    next_peer: std::sync::atomic::AtomicUsize,
 }
+
+/// Node-store keys a storage-only node keeps from `Join`.
+pub const KEY_META_PEERS: &str = "meta_peers";
+pub const KEY_GROUP_COUNT: &str = "group_count";
 
 fn retryable(e: &WireError) -> bool {
     matches!(e.code(), ErrorCode::NotLeader | ErrorCode::Unavailable)
@@ -121,11 +128,101 @@ impl Router {
             registry,
             channels: Mutex::new(HashMap::new()),
             deadline,
+            next_peer: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// The number of metadata groups: those hosted here, or what `Join`
+    /// told a storage-only node.
+    pub fn group_count(&self) -> Result<u32, WireError> {
+        let hosted = self.registry.groups().len() as u32;
+        if hosted > 0 {
+            return Ok(hosted);
+        }
+        self.registry
+            .store()
+            .node_get(KEY_GROUP_COUNT)
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::NotInitialized,
+                    "this node has not joined a cluster",
+                )
+            })
+    }
+
+    /// A metadata node to ask, for a node that hosts no replica of `group`.
+    fn some_peer(&self, group: u32) -> Result<Option<String>, WireError> {
+        let peers: Vec<String> = self
+            .registry
+            .store()
+            .node_get(KEY_META_PEERS)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if peers.is_empty() {
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("group {group} is not hosted on this node"),
+            ));
+        }
+        let i = self
+            .next_peer
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(peers[i % peers.len()].clone()))
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The groups this node leads now.
+    pub fn led_groups(&self) -> Vec<u32> {
+        self.registry
+            .groups()
+            .iter()
+            .filter(|g| g.is_leader())
+            .map(|g| g.id)
+            .collect()
+    }
+
+    /// The storage nodes as this node's replica of group 0 records them
+    /// (empty on a node that hosts no metadata).
+    pub fn storage_nodes(&self) -> Vec<proto::meta::StorageNode> {
+        if self.registry.group(0).is_none() {
+            return Vec::new();
+        }
+        let view = KvView::new(self.registry.store());
+        Namespace::new(0)
+            .storage_nodes(&ViewKv(&view))
+            .unwrap_or_default()
+    }
+
+    /// Records location changes of `group`'s chunks, in commands of the
+    /// largest size the state machine takes.
+    pub async fn update_locations(
+        &self,
+        group: u32,
+        changes: &[proto::meta::LocationChange],
+    ) -> Result<(), WireError> {
+        use crate::namespace::placement::MAX_LOCATION_CHANGES;
+        for batch in changes.chunks(MAX_LOCATION_CHANGES) {
+            self.propose(
+                group,
+                Op::UpdateLocations(proto::meta::UpdateLocationsOp {
+                    changes: batch.to_vec(),
+                }),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     fn client(&self, addr: &str) -> Result<MetaServiceClient<Channel>, WireError> {
@@ -159,12 +256,9 @@ impl Router {
                 return Ok(Some(h.leader_addr.clone()));
             }
         }
-        let g = self.registry.group(group).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::Unavailable,
-                format!("group {group} is not hosted on this node"),
-            )
-        })?;
+        let Some(g) = self.registry.group(group) else {
+            return self.some_peer(group);
+        };
         let st = g.status();
         match st.leader {
             Some(l) if l == self.registry.node_id() => Ok(None),

@@ -15,7 +15,10 @@ use serde::Deserialize;
 
 use crate::app::NamespaceApp;
 use crate::chunkstore::{ChunkStore, DEFAULT_RESERVE_BYTES};
+use crate::gc::{Gc, GcConfig};
+use crate::repair::{ChunkClients, Repair, RepairConfig};
 use crate::router::Router;
+use crate::scrub::{Scrub, ScrubConfig};
 use crate::service::{AdminSvc, ChunkSvc, MetaSvc};
 
 /// Node settings, from `/etc/musicfs/node.toml` and/or flags.
@@ -37,6 +40,47 @@ pub struct NodeConfig {
     /// Disk space (MiB) the chunk store leaves free.
     #[serde(default = "default_reserve_mib")]
     pub reserve_mib: u64,
+    /// Seconds a storage node may stay silent before its chunks are
+    /// re-replicated on other nodes.
+    #[serde(default = "default_repair_after_secs")]
+    pub repair_after_secs: u64,
+    /// MiB per second repair may copy (0: unlimited).
+    #[serde(default = "default_repair_mib_per_sec")]
+    pub repair_mib_per_sec: u64,
+    /// MiB per second a scrub may read (0: unlimited).
+    #[serde(default = "default_scrub_mib_per_sec")]
+    pub scrub_mib_per_sec: u64,
+    /// Hours between automatic scrubs (0: only `musicfs scrub start`).
+    #[serde(default = "default_scrub_every_hours")]
+    pub scrub_every_hours: u64,
+    /// Seconds between garbage-collection passes of the groups a node leads.
+    #[serde(default = "default_gc_every_secs")]
+    pub gc_every_secs: u64,
+    /// Seconds between sweeps of a node's own chunk files for ones nothing
+    /// lists (0: never).
+    #[serde(default = "default_gc_sweep_every_secs")]
+    pub gc_sweep_every_secs: u64,
+}
+
+fn default_gc_every_secs() -> u64 {
+    60
+}
+fn default_gc_sweep_every_secs() -> u64 {
+    6 * 3600
+}
+
+fn default_scrub_mib_per_sec() -> u64 {
+    50
+}
+fn default_scrub_every_hours() -> u64 {
+    24 * 30
+}
+
+fn default_repair_after_secs() -> u64 {
+    600
+}
+fn default_repair_mib_per_sec() -> u64 {
+    100
 }
 
 fn default_snapshot_every() -> u64 {
@@ -172,12 +216,48 @@ pub async fn run(
         registry: registry.clone(),
         router: router.clone(),
     });
+    let clients = Arc::new(ChunkClients::default());
+    let repair = Repair::new(
+        router.clone(),
+        RepairConfig {
+            repair_after: std::time::Duration::from_secs(cfg.repair_after_secs),
+            bytes_per_sec: cfg.repair_mib_per_sec << 20,
+        },
+        clients.clone(),
+    );
+    let repair_task = tokio::spawn(repair.clone().run());
+    let scrub = Scrub::new(
+        router.clone(),
+        chunks.clone(),
+        clients.clone(),
+        repair.clone(),
+        ScrubConfig {
+            bytes_per_sec: cfg.scrub_mib_per_sec << 20,
+            every: (cfg.scrub_every_hours > 0)
+                .then(|| std::time::Duration::from_secs(cfg.scrub_every_hours * 3600)),
+        },
+    );
+    let scrub_task = tokio::spawn(scrub.clone().run());
+    let gc = Gc::new(
+        router.clone(),
+        chunks.clone(),
+        clients.clone(),
+        GcConfig {
+            every: std::time::Duration::from_secs(cfg.gc_every_secs.max(1)),
+            sweep_every: (cfg.gc_sweep_every_secs > 0)
+                .then(|| std::time::Duration::from_secs(cfg.gc_sweep_every_secs)),
+        },
+    );
+    let gc_task = tokio::spawn(gc.clone().run());
     let background = tokio::spawn(crate::background::run(router));
     let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
     let admin = AdminSvc {
         registry: registry.clone(),
         chunks: chunks.clone(),
         meta: meta.clone(),
+        repair,
+        scrub: scrub.clone(),
+        gc,
     };
     tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
     tonic::transport::Server::builder()
@@ -194,14 +274,21 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ChunkServiceServer::new(ChunkSvc { store: chunks })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ChunkServiceServer::new(ChunkSvc {
+                store: chunks,
+                clients,
+                scrub,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AdminServiceServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     background.abort();
+    repair_task.abort();
+    scrub_task.abort();
+    gc_task.abort();
     registry.shutdown().await;
     tracing::info!(id = cfg.id, "node stopped");
     Ok(())

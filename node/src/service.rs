@@ -9,19 +9,23 @@ use bytes::Bytes;
 use prost::Message;
 use proto::admin::admin_service_server::AdminService;
 use proto::admin::{
-    GroupStatus as PbGroupStatus, InitRequest, InitResponse, Peer, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    GcRequest, GcStatus, GroupStatus as PbGroupStatus, InitRequest, InitResponse, JoinRequest,
+    JoinResponse, Peer, ScrubRequest, ScrubResponse, SetStorageNodeRequest, SetStorageNodeResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use proto::meta::meta_service_client::MetaServiceClient;
 use proto::meta::meta_service_server::MetaService;
 use proto::meta::{
-    command::Op, Command, CommandResult, Error as WireError, ErrorCode, FileKind, GroupRecord,
-    InitOp, ProposeRequest, QueryRequest, QueryResult, Timespec,
+    command::Op, query::Q, Command, CommandResult, Error as WireError, ErrorCode, FileKind,
+    GroupRecord, InitOp, NodeChunksQuery, ProposeRequest, QueryRequest, QueryResult,
+    SetStorageNodeOp, StorageNode, StorageState, Timespec,
 };
 use proto::storage::chunk_service_server::ChunkService;
 use proto::storage::{
-    GetChunkRequest, GetChunkResponse, HasChunksRequest, HasChunksResponse, PutChunkRequest,
-    PutChunkResponse,
+    DeleteChunksRequest, DeleteChunksResponse, GetChunkRequest, GetChunkResponse, HasChunksRequest,
+    HasChunksResponse, PutChunkRequest, PutChunkResponse, ReplicateRequest, ReplicateResponse,
+    ScrubProgressRequest, ScrubStatus,
 };
 use proto::ChunkId;
 use raft::{KvView, Registry};
@@ -29,9 +33,12 @@ use tonic::{Request, Response, Status};
 
 use crate::app::ViewKv;
 use crate::chunkstore::{ChunkError, ChunkStore};
-use crate::coordinator;
+use crate::coordinator::{self, Groups};
+use crate::gc::Gc;
 use crate::namespace::{crossed, keys, Namespace};
+use crate::repair::{ChunkClients, Repair};
 use crate::router::{internal_command, propose_local, query_local, Router};
+use crate::scrub::Scrub;
 
 pub struct MetaSvc {
     pub registry: Arc<Registry>,
@@ -193,6 +200,8 @@ impl MetaService for MetaSvc {
 
 pub struct ChunkSvc {
     pub store: Arc<ChunkStore>,
+    pub clients: Arc<ChunkClients>,
+    pub scrub: Arc<Scrub>,
 }
 
 fn chunk_error(e: &ChunkError) -> WireError {
@@ -271,6 +280,11 @@ impl ChunkService for ChunkSvc {
             Err(e) => {
                 if matches!(e, ChunkError::Corrupt { .. }) {
                     tracing::error!(%id, error = %e, "corrupt chunk on disk");
+                    // Never read it again; a scrub then finds the replica
+                    // missing and repair copies a good one back.
+                    if let Err(q) = self.store.quarantine(&id) {
+                        tracing::error!(%id, error = %q, "cannot move a corrupt chunk aside");
+                    }
                 }
                 GetChunkResponse {
                     error: Some(chunk_error(&e)),
@@ -302,12 +316,139 @@ impl ChunkService for ChunkSvc {
             present,
         }))
     }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteChunksRequest>,
+    ) -> Result<Response<DeleteChunksResponse>, Status> {
+        let req = request.into_inner();
+        let mut ids = Vec::with_capacity(req.chunk_ids.len());
+        for raw in &req.chunk_ids {
+            match parse_id(raw) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    return Ok(Response::new(DeleteChunksResponse {
+                        error: Some(e),
+                        ..Default::default()
+                    }))
+                }
+            }
+        }
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let (mut n, mut bytes) = (0, 0);
+            for id in &ids {
+                if let Some(b) = store.delete_older(id, req.older_than_ms)? {
+                    n += 1;
+                    bytes += b;
+                }
+            }
+            Ok::<_, ChunkError>((n, bytes))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(match res {
+            Ok((deleted, bytes)) => DeleteChunksResponse {
+                error: None,
+                deleted,
+                bytes,
+            },
+            Err(e) => DeleteChunksResponse {
+                error: Some(chunk_error(&e)),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn scrub_progress(
+        &self,
+        _request: Request<ScrubProgressRequest>,
+    ) -> Result<Response<ScrubStatus>, Status> {
+        Ok(Response::new(self.scrub.status()))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<ReplicateRequest>,
+    ) -> Result<Response<ReplicateResponse>, Status> {
+        let req = request.into_inner();
+        let reply = |error: Option<WireError>, bytes: u64| {
+            Ok(Response::new(ReplicateResponse { error, bytes }))
+        };
+        let id = match parse_id(&req.chunk_id) {
+            Ok(id) => id,
+            Err(e) => return reply(Some(e), 0),
+        };
+        if self.store.has(&id) {
+            // Trust a local copy only if it still hashes right.
+            let store = self.store.clone();
+            let local = tokio::task::spawn_blocking(move || store.get(&id))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            match local {
+                Ok(_) => return reply(None, 0),
+                Err(ChunkError::Corrupt { .. }) => {
+                    if let Err(e) = self.store.quarantine(&id) {
+                        return reply(Some(chunk_error(&e)), 0);
+                    }
+                }
+                Err(ChunkError::NotFound(_)) => {}
+                Err(e) => return reply(Some(chunk_error(&e)), 0),
+            }
+        }
+        let mut errors = Vec::new();
+        for src in &req.sources {
+            let Some(mut c) = self.clients.get(src) else {
+                errors.push(format!("{src}: bad address"));
+                continue;
+            };
+            let r = match c
+                .get(GetChunkRequest {
+                    chunk_id: req.chunk_id.clone(),
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    errors.push(format!("{src}: {}", s.message()));
+                    continue;
+                }
+            };
+            if let Some(e) = r.error {
+                errors.push(format!("{src}: {}", e.message));
+                continue;
+            }
+            if !id.verify(&r.data) {
+                errors.push(format!("{src}: returned bytes that do not match the id"));
+                continue;
+            }
+            let (store, data) = (self.store.clone(), r.data);
+            let len = data.len() as u64;
+            let res = tokio::task::spawn_blocking(move || store.put(&id, &data))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            return match res {
+                Ok(_) => reply(None, len),
+                Err(e) => reply(Some(chunk_error(&e)), 0),
+            };
+        }
+        reply(
+            Some(WireError::new(
+                ErrorCode::Unavailable,
+                format!("chunk {id}: no source returned it: {}", errors.join("; ")),
+            )),
+            0,
+        )
+    }
 }
 
 pub struct AdminSvc {
     pub registry: Arc<Registry>,
     pub chunks: Arc<ChunkStore>,
     pub meta: Arc<MetaSvc>,
+    pub repair: Arc<Repair>,
+    pub scrub: Arc<Scrub>,
+    pub gc: Arc<Gc>,
 }
 
 impl AdminSvc {
@@ -317,6 +458,9 @@ impl AdminSvc {
         &self,
         cluster_id: &str,
         count: u32,
+        replication: u32,
+        commit_window_secs: u32,
+        storage_nodes: &[StorageNode],
         timeout: Duration,
     ) -> Result<(), WireError> {
         let start = Instant::now();
@@ -328,6 +472,13 @@ impl AdminSvc {
                     cluster_id: cluster_id.to_string(),
                     group_id: g,
                     group_count: count,
+                    replication,
+                    commit_window_secs,
+                    storage_nodes: if g == 0 {
+                        storage_nodes.to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 }));
                 let mut res = self.meta.propose_command(g, cmd.clone()).await;
                 if let Some(e) = &res.error {
@@ -359,6 +510,186 @@ impl AdminSvc {
         }
         Ok(())
     }
+}
+
+impl AdminSvc {
+    /// The metadata nodes (group 0's members).
+    fn meta_peers(&self) -> Vec<Peer> {
+        self.registry
+            .group(0)
+            .map(|g| {
+                g.status()
+                    .nodes
+                    .into_iter()
+                    .map(|(node_id, addr)| Peer { node_id, addr })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Chunk records, over every group, that list `node`.
+    async fn chunks_on(&self, node: u64) -> Result<u64, WireError> {
+        let router = &self.meta.router;
+        let count = self.registry.groups().len() as u32;
+        let mut total = 0;
+        for g in 0..count {
+            let r = router
+                .query(g, Q::NodeChunks(NodeChunksQuery { node_id: node }))
+                .await?;
+            total += r.count;
+        }
+        Ok(total)
+    }
+
+    /// Adds, drains or removes a storage node. Returns the chunk records
+    /// still listing it (for drain and remove).
+    async fn storage_node_change(
+        &self,
+        req: SetStorageNodeRequest,
+    ) -> Result<u64, (WireError, u64)> {
+        let state = StorageState::try_from(req.state).map_err(|_| {
+            (
+                WireError::new(ErrorCode::Invalid, format!("unknown state {}", req.state)),
+                0,
+            )
+        })?;
+        let router = &self.meta.router;
+        let nodes = router
+            .query(0, Q::StorageNodes(Default::default()))
+            .await
+            .map_err(|e| (e, 0))?
+            .storage_nodes;
+        let known = nodes.iter().find(|n| n.node_id == req.node_id);
+        match state {
+            StorageState::StorageActive if known.is_none() => {
+                // A node joins only if it answers as the node it is said to be.
+                let st = status_of(&req.addr).await.map_err(|e| (e, 0))?;
+                if st.node_id != req.node_id {
+                    return Err((
+                        WireError::new(
+                            ErrorCode::Invalid,
+                            format!(
+                                "{} answers as node {}, not node {}",
+                                req.addr, st.node_id, req.node_id
+                            ),
+                        ),
+                        0,
+                    ));
+                }
+                let ours = self.registry.cluster_id();
+                if st.groups.is_empty() {
+                    // A storage-only node learns the cluster and where its
+                    // metadata lives.
+                    join(
+                        &req.addr,
+                        &ours,
+                        self.meta_peers(),
+                        self.registry.groups().len() as u32,
+                    )
+                    .await
+                    .map_err(|e| (e, 0))?;
+                }
+                if !st.cluster_id.is_empty() && st.cluster_id != ours {
+                    return Err((
+                        WireError::new(
+                            ErrorCode::WrongCluster,
+                            format!(
+                                "node {} belongs to cluster {}, not {ours}",
+                                req.node_id, st.cluster_id
+                            ),
+                        ),
+                        0,
+                    ));
+                }
+            }
+            StorageState::StorageRemoved => {
+                match known.map(|n| n.state()) {
+                    Some(StorageState::StorageDraining) => {}
+                    Some(StorageState::StorageRemoved) => return Ok(0),
+                    _ => {
+                        return Err((
+                            WireError::new(
+                                ErrorCode::Invalid,
+                                format!(
+                                    "storage node {} must be drained before it is removed \
+                                     (`musicfs node drain {}`)",
+                                    req.node_id, req.node_id
+                                ),
+                            ),
+                            0,
+                        ))
+                    }
+                }
+                let left = self.chunks_on(req.node_id).await.map_err(|e| (e, 0))?;
+                if left > 0 {
+                    return Err((
+                        WireError::new(
+                            ErrorCode::Busy,
+                            format!(
+                                "storage node {} still holds the only counted copies of {left} \
+                                 chunk(s); wait for the drain to finish",
+                                req.node_id
+                            ),
+                        ),
+                        left,
+                    ));
+                }
+            }
+            _ => {}
+        }
+        router
+            .propose(
+                0,
+                Op::SetStorageNode(SetStorageNodeOp {
+                    node_id: req.node_id,
+                    addr: req.addr.clone(),
+                    state: state as i32,
+                }),
+            )
+            .await
+            .map_err(|e| (e, 0))?;
+        if state == StorageState::StorageDraining {
+            return self.chunks_on(req.node_id).await.map_err(|e| (e, 0));
+        }
+        Ok(0)
+    }
+}
+
+async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Result<(), WireError> {
+    let unreachable =
+        |e: String| WireError::new(ErrorCode::Unavailable, format!("node at {addr}: {e}"));
+    let mut c =
+        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let r = c
+        .join(JoinRequest {
+            cluster_id: cluster.to_string(),
+            peers,
+            group_count: groups,
+        })
+        .await
+        .map_err(|s| unreachable(s.message().to_string()))?
+        .into_inner();
+    match r.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A node's status, for checking who answers at an address.
+async fn status_of(addr: &str) -> Result<StatusResponse, WireError> {
+    let unreachable =
+        |e: String| WireError::new(ErrorCode::Unavailable, format!("node at {addr}: {e}"));
+    let mut c =
+        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let r = tokio::time::timeout(Duration::from_secs(5), c.status(StatusRequest {}))
+        .await
+        .map_err(|_| unreachable("no answer within 5 s".into()))?
+        .map_err(|s| unreachable(s.message().to_string()))?;
+    Ok(r.into_inner())
 }
 
 async fn forward(addr: &str, group: u32, cmd: Command) -> CommandResult {
@@ -408,6 +739,20 @@ impl AdminService for AdminSvc {
                 "cluster id and group count are required".into(),
             );
         }
+        let replication = if req.replication == 0 {
+            proto::DEFAULT_REPLICATION
+        } else {
+            req.replication
+        };
+        if replication as usize > req.peers.len() {
+            return fail(
+                ErrorCode::Invalid,
+                format!(
+                    "replication factor {replication} needs at least {replication} nodes, not {}",
+                    req.peers.len()
+                ),
+            );
+        }
         if !req.peers.iter().any(|p| p.node_id == me) {
             return fail(
                 ErrorCode::Invalid,
@@ -426,8 +771,24 @@ impl AdminService for AdminSvc {
         {
             return fail(ErrorCode::Internal, e.to_string());
         }
+        let storage_nodes: Vec<StorageNode> = req
+            .peers
+            .iter()
+            .map(|p| StorageNode {
+                node_id: p.node_id,
+                addr: p.addr.clone(),
+                ..Default::default()
+            })
+            .collect();
         if let Err(e) = self
-            .init_groups(&req.cluster_id, req.group_count, Duration::from_secs(60))
+            .init_groups(
+                &req.cluster_id,
+                req.group_count,
+                replication,
+                req.commit_window_secs,
+                &storage_nodes,
+                Duration::from_secs(60),
+            )
             .await
         {
             return Ok(Response::new(InitResponse { error: Some(e) }));
@@ -455,19 +816,39 @@ impl AdminService for AdminSvc {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        let peers: Vec<Peer> = self
-            .registry
-            .group(0)
-            .map(|g| {
-                g.status()
-                    .nodes
-                    .into_iter()
-                    .map(|(node_id, addr)| Peer { node_id, addr })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let peers = self.meta_peers();
         let (free, total) = self.chunks.disk_space().unwrap_or((0, 0));
+        let (storage_nodes, replication, commit_window_secs) = if self.registry.group(0).is_some() {
+            let store = self.registry.store().clone();
+            tokio::task::spawn_blocking(move || {
+                let view = KvView::new(&store);
+                let ns = Namespace::new(0);
+                let kv = ViewKv(&view);
+                let nodes = ns.storage_nodes(&kv).unwrap_or_default();
+                let (rf, window) = ns
+                    .stats(&kv)
+                    .map(|r| {
+                        (
+                            crate::namespace::placement::replication_of(&r),
+                            (crate::namespace::placement::commit_window_ms(&r) / 1000) as u32,
+                        )
+                    })
+                    .unwrap_or((0, 0));
+                (nodes, rf, window)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            (Vec::new(), 0, 0)
+        };
         Ok(Response::new(StatusResponse {
+            storage_nodes,
+            replication,
+            commit_window_secs,
+            storage_up: self.repair.up_nodes(),
+            repair: Some(self.repair.status()),
+            scrub: Some(self.scrub.status()),
+            gc: Some(self.gc.status().await),
             error: None,
             node_id: self.registry.node_id(),
             cluster_id: self.registry.cluster_id(),
@@ -526,6 +907,65 @@ impl AdminService for AdminSvc {
             return fail(ErrorCode::Unavailable, e.to_string());
         }
         Ok(Response::new(TransferLeaderResponse { error: None }))
+    }
+
+    async fn set_storage_node(
+        &self,
+        request: Request<SetStorageNodeRequest>,
+    ) -> Result<Response<SetStorageNodeResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(match self.storage_node_change(req).await {
+            Ok(remaining) => SetStorageNodeResponse {
+                error: None,
+                chunks_remaining: remaining,
+            },
+            Err((e, remaining)) => SetStorageNodeResponse {
+                error: Some(e),
+                chunks_remaining: remaining,
+            },
+        }))
+    }
+
+    async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcStatus>, Status> {
+        if !request.into_inner().dry_run {
+            self.gc.kick();
+        }
+        Ok(Response::new(self.gc.status().await))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = request.into_inner();
+        let fail = |code, msg: String| {
+            Ok(Response::new(JoinResponse {
+                error: Some(WireError::new(code, msg)),
+            }))
+        };
+        if req.peers.is_empty() {
+            return fail(ErrorCode::Invalid, "no metadata nodes given".into());
+        }
+        if let Err(e) = self.registry.adopt_cluster(&req.cluster_id) {
+            return fail(ErrorCode::WrongCluster, e.to_string());
+        }
+        let store = self.registry.store();
+        let addrs: Vec<String> = req.peers.iter().map(|p| p.addr.clone()).collect();
+        let saved = store
+            .node_set(crate::router::KEY_META_PEERS, &addrs.join(","))
+            .and_then(|_| {
+                store.node_set(crate::router::KEY_GROUP_COUNT, &req.group_count.to_string())
+            });
+        if let Err(e) = saved {
+            return fail(ErrorCode::Internal, e.to_string());
+        }
+        tracing::info!(cluster = %req.cluster_id, peers = ?addrs, "joined as a storage node");
+        Ok(Response::new(JoinResponse { error: None }))
+    }
+
+    async fn scrub(
+        &self,
+        _request: Request<ScrubRequest>,
+    ) -> Result<Response<ScrubResponse>, Status> {
+        self.scrub.start();
+        Ok(Response::new(ScrubResponse { error: None }))
     }
 
     async fn trigger_snapshot(

@@ -38,6 +38,7 @@ impl Mem {
                     cluster_id: "test".into(),
                     group_id: g,
                     group_count: groups,
+                    ..Default::default()
                 }),
                 0,
                 0,
@@ -47,9 +48,15 @@ impl Mem {
         m
     }
 
-    fn apply(&self, g: u32, op: Op, client: u64, seq: u64) -> Result<CommandResult, WireError> {
+    fn apply(&self, g: u32, mut op: Op, client: u64, seq: u64) -> Result<CommandResult, WireError> {
         // A millisecond passes per command.
         let ms = self.clock.fetch_add(1, Ordering::Relaxed);
+        // Layout commits rely on an index answer given just now.
+        if let Op::CommitLayout(c) = &mut op {
+            if c.checked_at_ms == 0 {
+                c.checked_at_ms = ms.max(1);
+            }
+        }
         let cmd = Command {
             version: 1,
             now: Some(Timespec {

@@ -11,8 +11,8 @@ use musicfs_node::namespace::{MemKv, Namespace, Txn};
 use proptest::prelude::*;
 use proto::meta::{
     command::Op, query::Q, ChunkInfoQuery, Command, CommitLayoutOp, CreateOp, ErrorCode, Extent,
-    FileKind, GetAttrQuery, InitOp, LinkOp, NewChunk, Query, ReadDirQuery, RemoveOp, RenameOp,
-    Timespec,
+    FileKind, GetAttrQuery, HoldsQuery, InitOp, LinkOp, NewChunk, Query, ReadDirQuery,
+    ReapChunksOp, RemoveOp, RenameOp, SettleOp, Timespec,
 };
 use proto::{make_ino, ChunkId, ROOT_INO};
 
@@ -276,6 +276,11 @@ struct Real {
 
 impl Real {
     fn new() -> Self {
+        Self::with_window(0)
+    }
+
+    /// A one-group namespace whose commit window is `secs` (0: default).
+    fn with_window(secs: u32) -> Self {
         let mut r = Real {
             ns: Namespace::new(0),
             kv: MemKv::default(),
@@ -285,12 +290,20 @@ impl Real {
             cluster_id: "test".into(),
             group_id: 0,
             group_count: 1,
+            commit_window_secs: secs,
+            ..Default::default()
         }))
         .expect("init");
         r
     }
-    fn run(&mut self, op: Op) -> Result<proto::meta::CommandResult, ErrorCode> {
+    fn run(&mut self, mut op: Op) -> Result<proto::meta::CommandResult, ErrorCode> {
         self.t += 1;
+        // Layout commits rely on an index answer given just now.
+        if let Op::CommitLayout(c) = &mut op {
+            if c.checked_at_ms == 0 {
+                c.checked_at_ms = self.t as u64 * 1000;
+            }
+        }
         let cmd = Command {
             version: 1,
             now: Some(Timespec {
@@ -427,6 +440,7 @@ proptest! {
                             new_chunks: vec![NewChunk { chunk_id: Bytes::copy_from_slice(&id.0), size: data.len() as u64, locations: vec![1, 2] }],
                             mtime: None,
                             kill_suid: false,
+                            checked_at_ms: 0,
                         })).map(|_| ()),
                     )
                 }
@@ -567,4 +581,117 @@ fn a_retried_command_applies_once_and_gets_the_first_result() {
             .filter(|k| k.starts_with(&prefix) && k.len() == prefix.len() + 8)
             .collect();
     assert_eq!(left.len(), 1, "only the latest result is kept");
+}
+
+#[test]
+fn unreferenced_chunks_are_reaped_only_past_the_horizon() {
+    let mut real = Real::with_window(10);
+    let f = real
+        .run(Op::Create(CreateOp {
+            parent: ROOT_INO,
+            name: b"f".to_vec().into(),
+            kind: FileKind::Regular as i32,
+            perm: 0o644,
+            ..Default::default()
+        }))
+        .expect("create")
+        .attr
+        .expect("attr")
+        .ino;
+    let (data, id) = chunk(9);
+    let commit = |checked_at_ms: u64| {
+        Op::CommitLayout(CommitLayoutOp {
+            ino: f,
+            extents: vec![Extent {
+                offset: 0,
+                length: 10,
+                chunk_id: Bytes::copy_from_slice(&id.0),
+                chunk_offset: 0,
+            }],
+            size: 10,
+            new_chunks: vec![NewChunk {
+                chunk_id: Bytes::copy_from_slice(&id.0),
+                size: data.len() as u64,
+                locations: vec![1, 2, 3],
+            }],
+            checked_at_ms,
+            ..Default::default()
+        })
+    };
+    let truncate = Op::SetAttr(proto::meta::SetAttrOp {
+        ino: f,
+        fields: Some(proto::meta::SetAttrFields {
+            size: Some(0),
+            ..Default::default()
+        }),
+    });
+    let info = |r: &Real| {
+        r.query(Q::ChunkInfo(ChunkInfoQuery {
+            chunk_ids: vec![Bytes::copy_from_slice(&id.0)],
+        }))
+        .chunks[0]
+            .clone()
+    };
+    let reap = |before_sec: i64| {
+        Op::ReapChunks(ReapChunksOp {
+            chunk_ids: vec![Bytes::copy_from_slice(&id.0)],
+            zero_before: Some(Timespec {
+                sec: before_sec,
+                nsec: 0,
+            }),
+        })
+    };
+    let zero_keys = |r: &Real| r.kv.0.keys().filter(|k| k.get(4) == Some(&b'z')).count();
+
+    // A commit relying on an index answer older than the window is refused.
+    real.t += 100;
+    let t = real.t as u64;
+    assert_eq!(
+        real.run(commit((t - 10) * 1000)).err(),
+        Some(ErrorCode::Stale),
+        "an 11 s old answer with a 10 s window"
+    );
+    let t = real.t as u64;
+    real.run(commit((t - 9) * 1000))
+        .expect("a 10 s old answer is in time");
+    real.run(commit(0)).expect("commit");
+    assert!(info(&real).known);
+    assert_eq!(zero_keys(&real), 0);
+
+    real.run(truncate.clone()).expect("truncate");
+    let zero_at = real.t;
+    let i = info(&real);
+    assert_eq!(i.refcount, 0);
+    assert!(!i.known, "an unreferenced chunk is not vouched for");
+    assert_eq!(zero_keys(&real), 1);
+
+    // Unreferenced since after the cut-off: kept.
+    let r = real.run(reap(zero_at - 1)).expect("reap");
+    assert!(r.reaped.is_empty());
+    // Referenced again, then dropped again later: the new time counts.
+    real.run(commit(0)).expect("re-reference");
+    assert_eq!(zero_keys(&real), 0, "a referenced chunk leaves the index");
+    real.run(truncate).expect("truncate again");
+    let r = real.run(reap(zero_at + 1)).expect("reap");
+    assert!(r.reaped.is_empty(), "dropped again after the cut-off");
+    assert_eq!(zero_keys(&real), 1);
+
+    let r = real.run(reap(real.t + 1)).expect("reap");
+    assert_eq!(r.reaped.len(), 1);
+    assert_eq!(r.reaped[0].locations, vec![1, 2, 3]);
+    assert_eq!(info(&real).size, 0, "the record is gone");
+    assert_eq!(zero_keys(&real), 0);
+
+    // Settling moves the horizon forward, never back.
+    real.run(Op::Settle(SettleOp { settled_ms: 50_000 }))
+        .expect("settle");
+    real.run(Op::Settle(SettleOp { settled_ms: 40_000 }))
+        .expect("settle");
+    let holds = real.query(Q::Holds(HoldsQuery {
+        node_id: 1,
+        chunk_ids: vec![Bytes::copy_from_slice(&id.0)],
+    }));
+    assert_eq!(holds.settled_ms, 50_000);
+    assert_eq!(holds.now_ms, 50_000 - 10_000 - 10_000, "horizon");
+    assert_eq!(holds.present, vec![false]);
 }

@@ -100,6 +100,24 @@ impl TestCluster {
         c
     }
 
+    /// Starts one more node (not a cluster member until `musicfs node
+    /// add`); returns its index.
+    pub async fn add_node(&mut self, extra: &[&str]) -> usize {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        self.nodes.push(Node {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            data: self.dir.path().join(format!("node{id}")),
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        });
+        let i = self.nodes.len() - 1;
+        self.spawn(i);
+        self.wait_up(i).await;
+        i
+    }
+
     pub fn seeds(&self) -> String {
         self.nodes
             .iter()
@@ -172,8 +190,17 @@ impl TestCluster {
     }
 
     pub async fn init_groups(&self, groups: u32) -> String {
+        self.init_with(admin::InitOptions {
+            groups,
+            replication: 3.min(self.nodes.len() as u32),
+            commit_window_secs: 0,
+        })
+        .await
+    }
+
+    pub async fn init_with(&self, opts: admin::InitOptions) -> String {
         let peers = admin::parse_peers(&self.peers()).expect("peers");
-        admin::init_cluster(&peers, groups)
+        admin::init_cluster(&peers, opts)
             .await
             .expect("cluster init")
     }

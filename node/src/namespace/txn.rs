@@ -63,7 +63,7 @@ pub struct OutboxInfo {
     pub batches: Vec<RefBatch>,
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8)
         .and_then(|s| s.try_into().ok())
         .map(u64::from_be_bytes)
