@@ -14,6 +14,8 @@ start_cluster 16
 M="$BIN/musicfs"
 now() { date +%s.%N; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# Status as JSON; it exits 2 while the cluster is degraded (node 3 down).
+status() { "$M" status --cluster "$seeds" --json 2>/dev/null || true; }
 
 echo "== writing $MIB MiB of tracks (replication 3)"
 files=$(( (MIB + 255) / 256 ))
@@ -45,14 +47,14 @@ PY
 echo "== repair: node 3 lost, node 4 added"
 kill -KILL "${pid[3]}"; wait "${pid[3]}" 2>/dev/null || true; unset 'pid[3]'
 # Until node 3 counts as lost (5 s) and repair has found its chunks.
-until [ "$("$M" status --cluster "$seeds" --json 2>/dev/null | json 'int(d["repair"]["waiting_for_nodes"] > 0)' 2>/dev/null || echo 0)" = 1 ]; do sleep 0.5; done
+until [ "$(status | json 'int(d["repair"]["waiting_for_nodes"] > 0)' 2>/dev/null)" = 1 ]; do sleep 0.5; done
 start_node 4
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/${port[4]}") 2>/dev/null && break; sleep 0.1; done
 t0=$(now)
 for _ in $(seq 1 100); do "$M" node add --cluster "$seeds" 4 "127.0.0.1:${port[4]}" >/dev/null 2>&1 && break; sleep 0.2; done
-want=$("$M" status --cluster "$seeds" --json 2>/dev/null | json 'next(n["chunk_bytes"] for n in d["storage"] if n["id"] == 1)' || true)
+want=$(status | json 'next(n["chunk_bytes"] for n in d["storage"] if n["id"] == 1)')
 while :; do
-  st=$("$M" status --cluster "$seeds" --json 2>/dev/null || true)
+  st=$(status)
   done_=$(echo "$st" | json 'int(d["repair"]["under_replicated"] == 0 and d["repair"]["waiting_for_nodes"] == 0 and next(n["chunk_bytes"] for n in d["storage"] if n["id"] == 4) >= '"$want"')' 2>/dev/null || echo 0)
   [ "$done_" = 1 ] && break
   sleep 0.5

@@ -94,6 +94,8 @@ struct FileState {
     /// follow within the cluster's commit window.
     checked_at_ms: u64,
     pending_since: Option<std::time::Instant>,
+    /// The chunks `new_chunks` names.
+    listed: std::collections::HashSet<ChunkId>,
     dirty: DirtyRuns,
     modified: bool,
     mtime: Option<Timespec>,
@@ -116,6 +118,7 @@ impl FileState {
             new_chunks: Vec::new(),
             checked_at_ms: 0,
             pending_since: None,
+            listed: Default::default(),
             dirty: DirtyRuns::default(),
             modified: false,
             mtime: None,
@@ -817,18 +820,26 @@ impl Fs {
             .collect();
         let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
         for c in &chunks {
+            if st.listed.contains(&c.id) || to_upload.iter().any(|u| u.0 == c.id) {
+                continue;
+            }
             if let Some(info) = known.get(&c.id) {
                 st.locations.insert(c.id, info.locations.clone());
                 // The layout commit names every chunk it adds, with its
-                // size, even ones the cluster already has.
-                if !st.new_chunks.iter().any(|n| n.chunk_id[..] == c.id.0) {
-                    st.new_chunks.push(NewChunk {
-                        chunk_id: Bytes::copy_from_slice(&c.id.0),
-                        size: info.size,
-                        locations: info.locations.clone(),
-                    });
-                }
-            } else if !st.locations.contains_key(&c.id) && !to_upload.iter().any(|u| u.0 == c.id) {
+                // size, even ones the cluster already has (a chunk indexed
+                // by another group is checked against it) but not their
+                // locations: what the index said may since have changed
+                // (a scrub found a replica missing), and the commit must
+                // not put it back.
+                st.new_chunks.push(NewChunk {
+                    chunk_id: Bytes::copy_from_slice(&c.id.0),
+                    size: info.size,
+                    locations: Vec::new(),
+                });
+                st.listed.insert(c.id);
+            } else {
+                // Not vouched for (even if this file's old layout had it:
+                // a truncate may have dropped its last reference): store it.
                 to_upload.push((c.id, c.data.clone()));
             }
         }
@@ -847,6 +858,7 @@ impl Fs {
             .await?;
         for (id, size, locs) in uploaded {
             st.locations.insert(id, locs.clone());
+            st.listed.insert(id);
             st.new_chunks.push(NewChunk {
                 chunk_id: Bytes::copy_from_slice(&id.0),
                 size,
@@ -912,6 +924,7 @@ impl Fs {
             }
         }
         st.new_chunks.clear();
+        st.listed.clear();
         st.checked_at_ms = 0;
         st.pending_since = None;
         st.modified = false;
@@ -938,8 +951,8 @@ impl Fs {
             let Ok(id) = ChunkId::try_from(&n.chunk_id[..]) else {
                 continue;
             };
-            if let Some(info) = known.get(&id) {
-                n.locations = info.locations.clone();
+            if known.contains_key(&id) {
+                n.locations.clear();
                 continue;
             }
             let Some(data) = lock(&self.cache).get(&id) else {

@@ -106,6 +106,70 @@ async fn sparse_files_overwrites_and_truncation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_truncated_away_and_written_again_commits() {
+    let c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let fs = client(&c).await;
+    let data = Gen(5).bytes(3 << 20);
+    let a = fs
+        .write_file("/again.flac", &data, 0o644)
+        .await
+        .expect("write");
+    // One open handle keeps the file's old layout and chunk locations
+    // while its references are dropped by a truncate, then the same bytes
+    // (so the same chunks) are written again: they must be stored and
+    // named again, not assumed still there.
+    let ids: Vec<proto::ChunkId> = fs
+        .chunk_locations("/again.flac")
+        .await
+        .expect("locations")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let fh = fs.open(a.ino).await.expect("open");
+    fs.setattr(
+        a.ino,
+        SetAttrFields {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("truncate");
+    // Until the dropped references have reached every chunk's group.
+    let groups = fs.cluster().group_count();
+    common::wait_for(
+        "the chunks to be unreferenced",
+        Duration::from_secs(10),
+        || async {
+            for id in &ids {
+                let r = fs
+                    .cluster()
+                    .query(
+                        id.group(groups),
+                        proto::meta::query::Q::ChunkInfo(proto::meta::ChunkInfoQuery {
+                            chunk_ids: vec![id.0.to_vec().into()],
+                        }),
+                    )
+                    .await
+                    .ok()?;
+                if r.chunks.first().is_none_or(|c| c.known) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i as u64) << 20, piece).await.expect("write");
+    }
+    fs.flush(fh).await.expect("flush commits");
+    fs.release(fh).await.expect("release");
+    assert_eq!(fs.read_file("/again.flac").await.expect("read"), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_to_open_between_two_clients() {
     let c = TestCluster::start(3, &[]).await;
     c.init().await;

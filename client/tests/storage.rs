@@ -121,10 +121,24 @@ async fn read_back(fs: &Fs, files: &BTreeMap<String, Vec<u8>>) {
     }
 }
 
+const LOST_NODE_FLAGS: &[&str] = &[
+    "--repair-after-secs",
+    "2",
+    "--gc-every-secs",
+    "1",
+    "--gc-sweep-every-secs",
+    "2",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lost_node_is_replaced_by_repair() {
-    let mut c = TestCluster::start(3, &["--repair-after-secs", "2"]).await;
-    c.init().await;
+async fn a_lost_node_is_replaced_by_repair_and_reconciled_when_it_returns() {
+    let mut c = TestCluster::start(3, LOST_NODE_FLAGS).await;
+    c.init_with(admin::InitOptions {
+        groups: 4,
+        replication: 3,
+        commit_window_secs: 2,
+    })
+    .await;
     let fs = fresh_client(&c).await;
     let files = write_library(&fs, &mut Gen(0x5eed), 3, 4).await;
     let before = locations(&fs, &files).await;
@@ -156,7 +170,7 @@ async fn a_lost_node_is_replaced_by_repair() {
 
     // A fresh fourth node joins; repair copies every chunk to it and
     // drops the lost node from the locations.
-    let i = c.add_node(&["--repair-after-secs", "2"]).await;
+    let i = c.add_node(LOST_NODE_FLAGS).await;
     let addr4 = c.nodes[i].addr.clone();
     admin::set_storage_node(&seeds, 4, &addr4, StorageState::StorageActive)
         .await
@@ -211,6 +225,24 @@ async fn a_lost_node_is_replaced_by_repair() {
         },
     )
     .await;
+
+    // Node 3 comes back: its copies are no longer listed anywhere, so its
+    // sweep deletes them; nothing the files need goes.
+    c.spawn(2);
+    c.wait_up(2).await;
+    let old: BTreeSet<ChunkId> = ids.iter().copied().collect();
+    wait_for(
+        "node 3 to drop the copies nothing lists",
+        Duration::from_secs(60),
+        || async { files_on(&c.nodes[2].data).is_disjoint(&old).then_some(()) },
+    )
+    .await;
+    read_back(&*fresh_client(&c).await, &files).await;
+    read_back(&*fresh_client(&c).await, &more).await;
+    for n in [0usize, 1, 3] {
+        let on = files_on(&c.nodes[n].data);
+        assert!(old.is_subset(&on), "node {} lost a copy", c.nodes[n].id);
+    }
 }
 
 async fn write_library_more(fs: &Fs) -> BTreeMap<String, Vec<u8>> {

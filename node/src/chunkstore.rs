@@ -7,7 +7,7 @@
 //! Every read re-hashes the bytes, so bit rot is reported, never served.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -154,19 +154,8 @@ impl ChunkStore {
         }
         let path = self.path_of(id);
         let _guard = self.lock(id);
-        if path.exists() {
-            // A copy on disk that rotted is replaced, not trusted.
-            match self.get(id) {
-                Ok(_) => {
-                    // Written again now: garbage collection keeps files
-                    // written after its horizon (a commit may name them).
-                    self.touch(&path)?;
-                    return Ok(false);
-                }
-                Err(ChunkError::Corrupt { .. }) => self.quarantine_locked(id)?,
-                Err(ChunkError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
+        if self.refresh_locked(id)? {
+            return Ok(false);
         }
         let (free, _) = self.disk_space()?;
         if free < self.reserve + data.len() as u64 {
@@ -215,13 +204,21 @@ impl ChunkStore {
     /// Reads a chunk and checks its hash.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>, ChunkError> {
         let path = self.path_of(id);
-        let mut f = match File::open(&path) {
+        let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(*id)),
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let mut data = Vec::new();
-        f.read_to_end(&mut data).map_err(io_err(&path))?;
+        // One pread of the whole file into a buffer of its size.
+        let len = f.metadata().map_err(io_err(&path))?.len();
+        if len > MAX_CHUNK_BYTES as u64 {
+            return Err(ChunkError::Corrupt {
+                id: *id,
+                path: path.display().to_string(),
+            });
+        }
+        let mut data = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut data, 0).map_err(io_err(&path))?;
         if !id.verify(&data) {
             return Err(ChunkError::Corrupt {
                 id: *id,
@@ -238,6 +235,30 @@ impl ChunkStore {
     pub fn quarantine(&self, id: &ChunkId) -> Result<(), ChunkError> {
         let _guard = self.lock(id);
         self.quarantine_locked(id)
+    }
+
+    /// Whether the chunk is held intact; if so its file counts as written
+    /// now (garbage collection keeps files written after its horizon: a
+    /// commit or a repair may be about to name this copy). A rotten copy
+    /// is moved aside and reported absent.
+    pub fn refresh(&self, id: &ChunkId) -> Result<bool, ChunkError> {
+        let _guard = self.lock(id);
+        self.refresh_locked(id)
+    }
+
+    fn refresh_locked(&self, id: &ChunkId) -> Result<bool, ChunkError> {
+        match self.get(id) {
+            Ok(_) => {
+                self.touch(&self.path_of(id))?;
+                Ok(true)
+            }
+            Err(ChunkError::Corrupt { .. }) => {
+                self.quarantine_locked(id)?;
+                Ok(false)
+            }
+            Err(ChunkError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn lock(&self, id: &ChunkId) -> std::sync::MutexGuard<'_, ()> {
@@ -301,6 +322,11 @@ impl ChunkStore {
     }
 
     fn quarantine_locked(&self, id: &ChunkId) -> Result<(), ChunkError> {
+        // The copy may have been replaced by a good one since it was found
+        // rotten (a put or a repair): check again under the lock.
+        if self.get(id).is_ok() {
+            return Ok(());
+        }
         let path = self.path_of(id);
         let len = match fs::metadata(&path) {
             Ok(m) => m.len(),

@@ -296,6 +296,8 @@ impl Gc {
         let me = self.router.registry().node_id();
         let count = self.router.group_count().map_err(|e| e.to_string())?;
         let mut batch: HashMap<u32, Vec<(ChunkId, u64)>> = HashMap::new();
+        // A group that cannot answer now is skipped, not the whole sweep.
+        let mut failed: Vec<String> = Vec::new();
         for leaf in 0..=u16::MAX {
             let chunks = self.chunks.clone();
             let files = tokio::task::spawn_blocking(move || chunks.leaf(leaf))
@@ -309,16 +311,25 @@ impl Gc {
                 b.push((id, written));
                 if b.len() >= SWEEP_BATCH {
                     let b = std::mem::take(b);
-                    self.sweep_batch(me, g, b).await?;
+                    if let Err(e) = self.sweep_batch(me, g, b).await {
+                        failed.push(format!("group {g}: {e}"));
+                    }
                 }
             }
         }
         for (g, b) in batch {
             if !b.is_empty() {
-                self.sweep_batch(me, g, b).await?;
+                if let Err(e) = self.sweep_batch(me, g, b).await {
+                    failed.push(format!("group {g}: {e}"));
+                }
             }
         }
-        Ok(())
+        failed.dedup();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     async fn sweep_batch(

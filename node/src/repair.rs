@@ -110,6 +110,8 @@ struct GroupWork {
     under: u64,
     /// From the latest look at the under-replicated index.
     under_short: Shortfall,
+    /// Where the next look at it starts.
+    under_cursor: Option<ChunkId>,
 }
 
 /// gRPC clients of other nodes' chunk services, one connection per address.
@@ -167,8 +169,13 @@ struct Plan {
     need: usize,
     /// Nodes to read from.
     sources: Vec<u64>,
-    /// Locations that no longer count, dropped once `need` copies landed.
+    /// Locations that no longer count, dropped once enough copies that
+    /// count and answer exist.
     stale: Vec<u64>,
+    /// Copies that count and answer now.
+    good_up: usize,
+    /// The locations planned from.
+    seen: Vec<u64>,
 }
 
 /// Decides what a chunk needs. `nodes` maps every storage node to its
@@ -190,6 +197,11 @@ fn plan(
         .copied()
         .filter(|n| !counts(*n))
         .collect();
+    let good_up = rec
+        .locations
+        .iter()
+        .filter(|n| counts(**n) && up(**n))
+        .count();
     let need = rf.saturating_sub(good);
     let targets = if need == 0 {
         Vec::new()
@@ -212,6 +224,8 @@ fn plan(
         need,
         sources,
         stale,
+        good_up,
+        seen: rec.locations.clone(),
     }
 }
 
@@ -377,13 +391,19 @@ impl Repair {
             }
             w.pass.finished.is_none().then_some(w.pass.cursor)
         };
+        let under_after = self
+            .work
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+            .and_then(|w| w.under_cursor);
         let router = self.router.clone();
         let read = tokio::task::spawn_blocking(move || {
             let view = KvView::new(router.registry().store());
             let kv = ViewKv(&view);
             let ns = Namespace::new(group);
             let stats = ns.stats(&kv)?;
-            let under = ns.under_replicated(&kv, PAGE)?;
+            let under = ns.under_replicated(&kv, under_after.as_ref(), PAGE)?;
             let page = match cursor {
                 Some(c) => Some(ns.chunks_after(&kv, c.as_ref(), PAGE)?),
                 None => None,
@@ -402,6 +422,13 @@ impl Repair {
             w.total = stats.chunk_count;
             w.under = stats.under_replicated;
         }
+        // The next look at the index starts after this page, and wraps, so
+        // chunks that cannot be repaired do not hide the ones behind them.
+        let next_under = if under.len() < PAGE {
+            None
+        } else {
+            under.last().map(|(id, _)| *id)
+        };
         let under_short = self.work_on(under, rf, states, addrs, &mut changes).await;
         let page_len = page.as_ref().map(Vec::len);
         let page_short = match page {
@@ -416,6 +443,7 @@ impl Repair {
             let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
             let w = work.entry(group).or_default();
             w.under_short = under_short;
+            w.under_cursor = next_under;
             if let (Some(len), Some((last, short))) = (page_len, page_short) {
                 // Only if the pass was not restarted meanwhile.
                 if w.pass.cursor == cursor.flatten() && w.pass.finished.is_none() {
@@ -455,11 +483,14 @@ impl Repair {
         for (id, rec) in &chunks {
             let p = plan(id, rec, rf, states, &up, &lost);
             if p.need == 0 {
-                if !p.stale.is_empty() {
+                // A draining node's copy goes only while enough others
+                // answer (one that is down, not yet lost, still counts).
+                if !p.stale.is_empty() && p.good_up >= rf {
                     changes.push(LocationChange {
                         chunk_id: Bytes::copy_from_slice(&id.0),
                         add: vec![],
                         remove: p.stale,
+                        seen: p.seen,
                     });
                 }
                 continue;
@@ -479,7 +510,7 @@ impl Repair {
                     None => {}
                 }
             }
-            copies.push(self.copy(*id, rec.size, p, addrs));
+            copies.push(self.copy(*id, rec.size, p, rf, addrs));
         }
         while let Some(c) = copies.next().await {
             match c {
@@ -497,6 +528,7 @@ impl Repair {
         id: ChunkId,
         size: u64,
         p: Plan,
+        rf: usize,
         addrs: &HashMap<u64, String>,
     ) -> Option<LocationChange> {
         let sources: Vec<String> = p
@@ -540,7 +572,7 @@ impl Repair {
             return None;
         }
         // Stale locations go only once the chunk has its copies elsewhere.
-        let remove = if added.len() >= p.need {
+        let remove = if added.len() >= p.need && p.good_up + added.len() >= rf {
             p.stale
         } else {
             Vec::new()
@@ -549,6 +581,7 @@ impl Repair {
             chunk_id: Bytes::copy_from_slice(&id.0),
             add: added,
             remove,
+            seen: p.seen,
         })
     }
 
@@ -646,6 +679,25 @@ mod tests {
         assert_eq!(t, vec![3, 4]);
         assert_eq!(p.stale, vec![2]);
         assert_eq!(p.sources, vec![1, 2], "counting replicas are read first");
+    }
+
+    #[test]
+    fn copies_that_do_not_answer_are_not_counted_as_safe() {
+        use StorageState::*;
+        let id = ChunkId::of(b"x");
+        let n = nodes(&[
+            (1, StorageActive),
+            (2, StorageActive),
+            (3, StorageDraining),
+            (4, StorageActive),
+        ]);
+        // Node 2 is down but not lost: it still counts, but a draining
+        // copy must not go while only node 1 and 4 answer.
+        let p = plan(&id, &rec(&[1, 2, 3, 4]), 3, &n, &|n| n != 2, &|_| false);
+        assert_eq!(p.need, 0);
+        assert_eq!(p.stale, vec![3]);
+        assert_eq!(p.good_up, 2, "below the replication factor: keep node 3");
+        assert_eq!(p.seen, vec![1, 2, 3, 4]);
     }
 
     #[test]

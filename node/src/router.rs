@@ -200,8 +200,27 @@ impl Router {
             return Vec::new();
         }
         let view = KvView::new(self.registry.store());
-        Namespace::new(0)
+        let nodes = Namespace::new(0)
             .storage_nodes(&ViewKv(&view))
+            .unwrap_or_default();
+        if !nodes.is_empty() {
+            return nodes;
+        }
+        // A cluster made before storage nodes were recorded: every
+        // metadata node stores chunks.
+        self.registry
+            .group(0)
+            .map(|g| {
+                g.status()
+                    .nodes
+                    .into_iter()
+                    .map(|(node_id, addr)| proto::meta::StorageNode {
+                        node_id,
+                        addr,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -44,6 +44,8 @@ const PAGE: usize = 512;
 /// How long the index pass waits for the other nodes' local passes.
 const WAIT_FOR_PEERS: Duration = Duration::from_secs(3600);
 const LEAVES: u32 = 1 << 16;
+/// Node-store key: when the last scrub finished (ms).
+const KEY_SCRUBBED: &str = "scrub_finished_ms";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -104,8 +106,29 @@ impl Scrub {
         self.wake.notify_one();
     }
 
+    /// When the last scrub finished here, kept across restarts so that a
+    /// restart (a rolling upgrade) does not start one on every node. A
+    /// node's first start counts as a finish.
+    fn last_finished_ms(&self) -> u64 {
+        let store = self.router.registry().store();
+        match store
+            .node_get(KEY_SCRUBBED)
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(ms) => ms,
+            None => {
+                let now = now_ms();
+                let _ = store.node_set(KEY_SCRUBBED, &now.to_string());
+                now
+            }
+        }
+    }
+
     /// Runs until the node stops.
     pub async fn run(self: Arc<Self>) {
+        let mut last_finished = self.last_finished_ms();
         loop {
             let st = self.status();
             if st.requested > st.local_done {
@@ -117,14 +140,20 @@ impl Scrub {
                     s.local_done_at_ms = now_ms();
                 });
                 self.index_pass(since).await;
+                last_finished = now_ms();
                 self.update(|s| {
                     s.phase = "idle".into();
-                    s.finished_at_ms = now_ms();
+                    s.finished_at_ms = last_finished;
                 });
+                let _ = self
+                    .router
+                    .registry()
+                    .store()
+                    .node_set(KEY_SCRUBBED, &last_finished.to_string());
                 continue;
             }
             let due = self.cfg.every.map(|every| {
-                let last = st.finished_at_ms.max(st.requested_at_ms);
+                let last = last_finished.max(st.requested_at_ms);
                 let next = last + every.as_millis() as u64;
                 Duration::from_millis(next.saturating_sub(now_ms()))
             });
@@ -266,6 +295,10 @@ impl Scrub {
                     by_node.entry(*n).or_default().push(*id);
                 }
             }
+            let seen: HashMap<ChunkId, Vec<u64>> = page
+                .iter()
+                .map(|(id, rec)| (*id, rec.locations.clone()))
+                .collect();
             let mut missing: BTreeMap<ChunkId, Vec<u64>> = BTreeMap::new();
             for (node, ids) in by_node {
                 // A node that does not answer cannot be asked; repair
@@ -303,6 +336,7 @@ impl Scrub {
                         chunk_id: Bytes::copy_from_slice(&id.0),
                         add: vec![],
                         remove: nodes.clone(),
+                        seen: seen.get(id).cloned().unwrap_or_default(),
                     })
                     .collect();
                 self.router

@@ -379,22 +379,17 @@ impl ChunkService for ChunkSvc {
             Ok(id) => id,
             Err(e) => return reply(Some(e), 0),
         };
-        if self.store.has(&id) {
-            // Trust a local copy only if it still hashes right.
-            let store = self.store.clone();
-            let local = tokio::task::spawn_blocking(move || store.get(&id))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            match local {
-                Ok(_) => return reply(None, 0),
-                Err(ChunkError::Corrupt { .. }) => {
-                    if let Err(e) = self.store.quarantine(&id) {
-                        return reply(Some(chunk_error(&e)), 0);
-                    }
-                }
-                Err(ChunkError::NotFound(_)) => {}
-                Err(e) => return reply(Some(chunk_error(&e)), 0),
-            }
+        // A copy already here counts only if it still hashes right, and
+        // then as written now, so a sweep that judged it an orphan a
+        // moment ago keeps it.
+        let store = self.store.clone();
+        let held = tokio::task::spawn_blocking(move || store.refresh(&id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match held {
+            Ok(true) => return reply(None, 0),
+            Ok(false) => {}
+            Err(e) => return reply(Some(chunk_error(&e)), 0),
         }
         let mut errors = Vec::new();
         for src in &req.sources {

@@ -676,9 +676,31 @@ fn unreferenced_chunks_are_reaped_only_past_the_horizon() {
     assert!(r.reaped.is_empty(), "dropped again after the cut-off");
     assert_eq!(zero_keys(&real), 1);
 
+    // Location removals apply only to the record they were planned from.
+    let change = |remove: Vec<u64>, seen: Vec<u64>| {
+        Op::UpdateLocations(proto::meta::UpdateLocationsOp {
+            changes: vec![proto::meta::LocationChange {
+                chunk_id: Bytes::copy_from_slice(&id.0),
+                add: vec![],
+                remove,
+                seen,
+            }],
+        })
+    };
+    real.run(change(vec![3], vec![1, 2])).expect("update");
+    assert_eq!(
+        info(&real).locations,
+        vec![1, 2, 3],
+        "planned from another record"
+    );
+    real.run(change(vec![3], vec![3, 2, 1])).expect("update");
+    assert_eq!(info(&real).locations, vec![1, 2]);
+    real.run(change(vec![1, 2], vec![1, 2])).expect("update");
+    assert_eq!(info(&real).locations, vec![2], "the last location stays");
+
     let r = real.run(reap(real.t + 1)).expect("reap");
     assert_eq!(r.reaped.len(), 1);
-    assert_eq!(r.reaped[0].locations, vec![1, 2, 3]);
+    assert_eq!(r.reaped[0].locations, vec![2]);
     assert_eq!(info(&real).size, 0, "the record is gone");
     assert_eq!(zero_keys(&real), 0);
 

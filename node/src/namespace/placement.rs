@@ -182,6 +182,7 @@ impl Namespace {
             chunk_id,
             add,
             remove,
+            seen,
         } in &op.changes
         {
             let id =
@@ -198,12 +199,17 @@ impl Namespace {
                 continue;
             };
             let mut rec = old.clone();
+            let mut was = rec.locations.clone();
+            was.sort_unstable();
+            let mut seen = seen.clone();
+            seen.sort_unstable();
+            let may_remove = seen == was;
             for a in add {
                 if *a != 0 && !rec.locations.contains(a) {
                     rec.locations.push(*a);
                 }
             }
-            for r in remove {
+            for r in remove.iter().filter(|_| may_remove) {
                 if rec.locations.len() > 1 {
                     rec.locations.retain(|l| l != r);
                 }
@@ -384,15 +390,28 @@ impl Namespace {
         self.group_record(kv)
     }
 
-    /// Up to `limit` chunks the under-replicated index lists, with their records.
+    /// Up to `limit` chunks the under-replicated index lists after `after`
+    /// (wrapping to the start), with their records.
     pub fn under_replicated<R: KvRead + ?Sized>(
         &self,
         kv: &R,
+        after: Option<&ChunkId>,
         limit: usize,
     ) -> Result<Vec<(ChunkId, ChunkRecord)>, NsError> {
         let prefix = keys::under_prefix(self.group);
+        let mut keys = match after {
+            Some(a) => kv.scan(&prefix, &a.0, limit)?,
+            None => Vec::new(),
+        };
+        if keys.len() < limit {
+            for kvp in kv.scan(&prefix, &[], limit - keys.len())? {
+                if !keys.iter().any(|k| k.0 == kvp.0) {
+                    keys.push(kvp);
+                }
+            }
+        }
         let mut out = Vec::new();
-        for (k, _) in kv.scan(&prefix, &[], limit)? {
+        for (k, _) in keys {
             let Ok(id) = ChunkId::try_from(&k[prefix.len()..]) else {
                 continue;
             };
@@ -433,7 +452,7 @@ impl Namespace {
         Ok(())
     }
 
-    /// How many of the group's chunk records list `node` (a full scan).
+    /// How many of the group's live chunk records list `node` (a full scan).
     pub(super) fn count_node_chunks<R: KvRead + ?Sized>(
         &self,
         kv: &R,
@@ -443,9 +462,10 @@ impl Namespace {
         let mut n = 0;
         loop {
             let page = self.chunks_after(kv, after.as_ref(), 4096)?;
+            // Unreferenced chunks do not count: nothing needs their copies.
             n += page
                 .iter()
-                .filter(|(_, r)| r.locations.contains(&node))
+                .filter(|(_, r)| r.refcount > 0 && r.locations.contains(&node))
                 .count() as u64;
             if page.len() < 4096 {
                 return Ok(n);
