@@ -254,6 +254,22 @@ impl RepairView {
     }
 }
 
+/// One background worker of one node.
+#[derive(Serialize, Debug)]
+pub struct WorkerView {
+    pub node: u64,
+    pub name: String,
+    pub state: String,
+    pub done: u64,
+    pub total: u64,
+    pub unit: String,
+    pub bytes: u64,
+    pub bytes_per_sec: u64,
+    pub limit_bytes_per_sec: u64,
+    pub eta_secs: u64,
+    pub last_error: String,
+}
+
 #[derive(Serialize, Debug)]
 pub struct ClusterView {
     pub cluster_id: String,
@@ -263,6 +279,7 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     pub storage: Vec<StorageView>,
     pub repair: RepairView,
+    pub workers: Vec<WorkerView>,
     pub groups: Vec<GroupView>,
 }
 
@@ -399,10 +416,24 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
         }
     }
     let mut repair = RepairView::default();
+    let mut workers = Vec::new();
     for st in statuses.values().flatten() {
         if let Some(r) = &st.repair {
             repair.add(st.node_id, r);
         }
+        workers.extend(st.workers.iter().map(|w| WorkerView {
+            node: st.node_id,
+            name: w.name.clone(),
+            state: w.state.clone(),
+            done: w.done,
+            total: w.total,
+            unit: w.unit.clone(),
+            bytes: w.bytes,
+            bytes_per_sec: w.bytes_per_sec,
+            limit_bytes_per_sec: w.limit_bytes_per_sec,
+            eta_secs: w.eta_secs,
+            last_error: w.last_error.clone(),
+        }));
     }
     let mut storage = Vec::new();
     for n in &first.storage_nodes {
@@ -443,6 +474,7 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
         nodes,
         storage,
         repair,
+        workers,
         groups: groups.into_values().collect(),
     })
 }
@@ -515,6 +547,40 @@ pub fn print_status(v: &ClusterView) {
     }
     for e in &r.errors {
         println!("  last error: {e}");
+    }
+    println!();
+    println!(
+        "BACKGROUND WORK\n{:>4}  {:<7} {:<18} {:>22} {:>11} {:>11} {:>8} {:>10}",
+        "NODE", "WORKER", "STATE", "PROGRESS", "RATE", "LIMIT", "ETA", "MOVED"
+    );
+    for w in &v.workers {
+        let progress = if w.total > 0 {
+            format!("{}/{}", w.done, w.total)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:>4}  {:<7} {:<18} {:>22} {:>11} {:>11} {:>8} {:>10}",
+            w.node,
+            w.name,
+            w.state,
+            progress,
+            format!("{}/s", human(w.bytes_per_sec)),
+            if w.limit_bytes_per_sec == 0 {
+                "none".to_string()
+            } else {
+                format!("{}/s", human(w.limit_bytes_per_sec))
+            },
+            if w.eta_secs > 0 {
+                format!("{}s", w.eta_secs)
+            } else {
+                "-".into()
+            },
+            human(w.bytes)
+        );
+        if !w.last_error.is_empty() {
+            println!("        last error: {}", w.last_error);
+        }
     }
     println!();
     println!(

@@ -337,9 +337,28 @@ fn chunk_path(data: &std::path::Path, id: &ChunkId) -> std::path::PathBuf {
         .join(hex)
 }
 
+/// The Prometheus text a node serves.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read metrics");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scrub_repairs_a_rotten_and_a_missing_replica() {
-    let c = TestCluster::start(3, &["--scrub-mib-per-sec", "0"]).await;
+    let mut c = TestCluster::start(3, &["--scrub-mib-per-sec", "0"]).await;
+    // Node 2 serves metrics too.
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    c.kill(1);
+    c.nodes[1]
+        .args
+        .extend(["--metrics-listen".to_string(), metrics_addr.clone()]);
+    c.spawn(1);
+    c.wait_up(1).await;
     c.init().await;
     let fs = fresh_client(&c).await;
     let files = write_library(&fs, &mut Gen(11), 1, 4).await;
@@ -427,6 +446,27 @@ async fn scrub_repairs_a_rotten_and_a_missing_replica() {
     )
     .await;
     read_back(&*fresh_client(&c).await, &files).await;
+
+    // The same work, as metrics and as the common worker status.
+    let text = scrape(&metrics_addr);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("musicfs_worker_bytes_total{worker=\"scrub\"}")),
+        "{text}"
+    );
+    assert!(text.contains("musicfs_scrub_corrupt_total"), "{text}");
+    assert!(text.contains("musicfs_store_chunks"), "{text}");
+    let v = admin::cluster_status(&seeds).await.expect("status");
+    let scrub = v
+        .workers
+        .iter()
+        .find(|w| w.node == 2 && w.name == "scrub")
+        .expect("node 2's scrub worker");
+    assert!(
+        scrub.bytes > 0 && scrub.limit_bytes_per_sec == 0,
+        "{scrub:?}"
+    );
+    assert!(v.workers.iter().any(|w| w.name == "repair" && w.bytes > 0));
 }
 
 /// Chunk files on a node's disk.

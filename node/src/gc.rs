@@ -45,6 +45,7 @@ use crate::namespace::placement::{gc_horizon_ms, MAX_REAP};
 use crate::namespace::Namespace;
 use crate::repair::ChunkClients;
 use crate::router::Router;
+use crate::worker::Worker;
 
 /// Garbage-collection settings (node configuration).
 #[derive(Clone, Debug)]
@@ -76,6 +77,7 @@ pub struct Gc {
     deleted: AtomicU64,
     deleted_bytes: AtomicU64,
     last_error: Mutex<String>,
+    worker: Worker,
     wake: Notify,
 }
 
@@ -107,13 +109,26 @@ impl Gc {
             deleted: AtomicU64::new(0),
             deleted_bytes: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
+            worker: Worker::new("gc", "leaf directories", 0),
             wake: Notify::new(),
         })
     }
 
     fn note_error(&self, e: String) {
-        tracing::warn!(error = %e, "garbage collection");
+        self.worker.error(e.clone());
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// The worker's common status (rate, limit, progress, last error).
+    pub fn worker(&self) -> proto::admin::WorkerStatus {
+        self.worker.status()
+    }
+
+    fn freed(&self, files: u64, bytes: u64) {
+        self.deleted.fetch_add(files, Ordering::Relaxed);
+        self.deleted_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.worker.moved(bytes);
+        crate::metrics::gc_deleted(files, bytes);
     }
 
     /// Runs a pass now instead of at the next tick.
@@ -260,6 +275,7 @@ impl Gc {
             .map_err(|e| format!("reaping: {e}"))?;
         self.reaped
             .fetch_add(r.reaped.len() as u64, Ordering::Relaxed);
+        crate::metrics::gc_reaped(r.reaped.len() as u64);
         let mut by_node: BTreeMap<u64, Vec<Bytes>> = BTreeMap::new();
         for c in &r.reaped {
             for n in &c.locations {
@@ -280,8 +296,7 @@ impl Gc {
             {
                 Ok(r) => {
                     let r = r.into_inner();
-                    self.deleted.fetch_add(r.deleted, Ordering::Relaxed);
-                    self.deleted_bytes.fetch_add(r.bytes, Ordering::Relaxed);
+                    self.freed(r.deleted, r.bytes);
                 }
                 // The node's own sweep deletes them later.
                 Err(s) => tracing::info!(node, error = %s.message(), "chunk delete deferred"),
@@ -299,6 +314,7 @@ impl Gc {
         // A group that cannot answer now is skipped, not the whole sweep.
         let mut failed: Vec<String> = Vec::new();
         for leaf in 0..=u16::MAX {
+            self.worker.set("sweeping", u64::from(leaf), 1 << 16);
             let chunks = self.chunks.clone();
             let files = tokio::task::spawn_blocking(move || chunks.leaf(leaf))
                 .await
@@ -324,6 +340,7 @@ impl Gc {
                 }
             }
         }
+        self.worker.idle();
         failed.dedup();
         if failed.is_empty() {
             Ok(())
@@ -361,10 +378,7 @@ impl Gc {
             let chunks = self.chunks.clone();
             let id = *id;
             match tokio::task::spawn_blocking(move || chunks.delete_older(&id, horizon)).await {
-                Ok(Ok(Some(bytes))) => {
-                    self.deleted.fetch_add(1, Ordering::Relaxed);
-                    self.deleted_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
+                Ok(Ok(Some(bytes))) => self.freed(1, bytes),
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
                 Err(e) => return Err(e.to_string()),

@@ -12,6 +12,7 @@ pub mod check;
 pub mod chunkstore;
 pub mod coordinator;
 pub mod gc;
+pub mod metrics;
 pub mod namespace;
 pub mod repair;
 pub mod router;

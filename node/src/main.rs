@@ -54,6 +54,9 @@ struct Args {
     /// Seconds between sweeps of this node's chunk files (default 21600; 0: never).
     #[arg(long)]
     gc_sweep_every_secs: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9400).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -153,6 +156,9 @@ fn config(a: Args) -> Result<NodeConfig> {
     }
     if let Some(v) = a.gc_sweep_every_secs {
         set("gc_sweep_every_secs", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.metrics_listen {
+        set("metrics_listen", toml::Value::String(v.to_string()));
     }
     let cfg: NodeConfig = toml::Value::Table(table)
         .try_into()

@@ -34,7 +34,7 @@ use crate::app::ViewKv;
 use crate::namespace::placement::replication_of;
 use crate::namespace::Namespace;
 use crate::router::Router;
-use crate::worker::{Meter, RateLimit};
+use crate::worker::{Meter, Worker};
 
 /// Repair settings (node configuration).
 #[derive(Clone, Debug)]
@@ -152,12 +152,9 @@ pub struct Repair {
     health: Mutex<HashMap<u64, Health>>,
     work: Mutex<BTreeMap<u32, GroupWork>>,
     clients: Arc<ChunkClients>,
-    limit: RateLimit,
+    worker: Worker,
     copied_chunks: AtomicU64,
-    copied_bytes: AtomicU64,
-    rate: Meter,
     chunk_rate: Meter,
-    last_error: Mutex<String>,
 }
 
 /// What one chunk needs.
@@ -234,15 +231,12 @@ impl Repair {
         Arc::new(Repair {
             router,
             clients,
-            limit: RateLimit::new(cfg.bytes_per_sec),
+            worker: Worker::new("repair", "chunk records", cfg.bytes_per_sec),
             cfg,
             health: Mutex::new(HashMap::new()),
             work: Mutex::new(BTreeMap::new()),
             copied_chunks: AtomicU64::new(0),
-            copied_bytes: AtomicU64::new(0),
-            rate: Meter::default(),
             chunk_rate: Meter::default(),
-            last_error: Mutex::new(String::new()),
         })
     }
 
@@ -313,6 +307,7 @@ impl Repair {
         let results = futures::future::join_all(probes).await;
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         for (id, ok) in results {
+            crate::metrics::storage_node_up(id, ok);
             let h = health.entry(id).or_insert(Health {
                 up: ok,
                 since: Instant::now(),
@@ -355,12 +350,32 @@ impl Repair {
                     continue;
                 }
                 if let Err(e) = self.repair_group(g.id, &states, &addrs).await {
-                    tracing::warn!(group = g.id, error = %e, "repair");
-                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                        format!("group {}: {e}", g.id);
+                    self.worker.error(format!("group {}: {e}", g.id));
                 }
             }
+            let st = self.status();
+            crate::metrics::repair(
+                st.under_replicated,
+                st.waiting_for_nodes,
+                st.unavailable,
+                st.eta_secs,
+            );
+            let todo = st.under_replicated.saturating_sub(st.waiting_for_nodes);
+            if st.scanned < st.total {
+                self.worker.set("full pass", st.scanned, st.total);
+            } else if todo > 0 {
+                self.worker.set("copying", 0, todo);
+            } else if st.waiting_for_nodes > 0 {
+                self.worker.set("waiting for nodes", 0, 0);
+            } else {
+                self.worker.idle();
+            }
         }
+    }
+
+    /// The worker's common status (rate, limit, progress, last error).
+    pub fn worker(&self) -> proto::admin::WorkerStatus {
+        self.worker.status()
     }
 
     /// One tick of one group: the under-replicated index, then a page of
@@ -544,7 +559,7 @@ impl Repair {
             let Some(mut c) = addrs.get(t).and_then(|a| self.client(a)) else {
                 continue;
             };
-            self.limit.take(size).await;
+            self.worker.throttle(size).await;
             let r = c
                 .replicate(ReplicateRequest {
                     chunk_id: Bytes::copy_from_slice(&id.0),
@@ -555,9 +570,9 @@ impl Repair {
                 Ok(r) if r.error.is_none() => {
                     added.push(*t);
                     self.copied_chunks.fetch_add(1, Ordering::Relaxed);
-                    self.copied_bytes.fetch_add(r.bytes, Ordering::Relaxed);
-                    self.rate.add(r.bytes);
+                    self.worker.moved(r.bytes);
                     self.chunk_rate.add(1);
+                    crate::metrics::repair_copy();
                 }
                 Ok(r) => {
                     let e = r.error.map(|e| e.message).unwrap_or_default();
@@ -601,19 +616,16 @@ impl Repair {
             st.unavailable += w.pass.short.unavailable.max(w.under_short.unavailable);
         }
         drop(work);
+        let w = self.worker.status();
         st.copied_chunks = self.copied_chunks.load(Ordering::Relaxed);
-        st.copied_bytes = self.copied_bytes.load(Ordering::Relaxed);
-        st.bytes_per_sec = self.rate.rate() as u64;
+        st.copied_bytes = w.bytes;
+        st.bytes_per_sec = w.bytes_per_sec;
         let chunks_per_sec = self.chunk_rate.rate();
         let todo = st.under_replicated.saturating_sub(st.waiting_for_nodes);
         if todo > 0 && chunks_per_sec > 0.0 {
             st.eta_secs = (todo as f64 / chunks_per_sec).ceil() as u64;
         }
-        st.last_error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        st.last_error = w.last_error;
         st
     }
 }

@@ -27,7 +27,7 @@ use crate::chunkstore::{ChunkError, ChunkStore};
 use crate::namespace::Namespace;
 use crate::repair::{ChunkClients, Repair};
 use crate::router::Router;
-use crate::worker::RateLimit;
+use crate::worker::Worker;
 
 /// Scrub settings (node configuration).
 #[derive(Clone, Debug)]
@@ -60,7 +60,7 @@ pub struct Scrub {
     clients: Arc<ChunkClients>,
     repair: Arc<Repair>,
     cfg: ScrubConfig,
-    limit: RateLimit,
+    worker: Worker,
     state: Mutex<ScrubStatus>,
     wake: Notify,
 }
@@ -78,7 +78,11 @@ impl Scrub {
             chunks,
             clients,
             repair,
-            limit: RateLimit::new(cfg.bytes_per_sec),
+            worker: Worker::new(
+                "scrub",
+                "leaf directories or chunk records",
+                cfg.bytes_per_sec,
+            ),
             cfg,
             state: Mutex::new(ScrubStatus {
                 phase: "idle".into(),
@@ -93,7 +97,22 @@ impl Scrub {
     }
 
     fn update(&self, f: impl FnOnce(&mut ScrubStatus)) {
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        match st.phase.as_str() {
+            "local" => self
+                .worker
+                .set("local", u64::from(st.leaves_done), u64::from(LEAVES)),
+            "index" => self
+                .worker
+                .set("index", st.records_checked, st.records_checked),
+            _ => self.worker.idle(),
+        }
+    }
+
+    /// The worker's common status (rate, limit, progress, last error).
+    pub fn worker(&self) -> proto::admin::WorkerStatus {
+        self.worker.status()
     }
 
     /// Asks for a scrub; one already running finishes first, then a new
@@ -186,14 +205,17 @@ impl Scrub {
                 Err(_) => Vec::new(),
             };
             for (id, size) in ids {
-                self.limit.take(size).await;
+                self.worker.throttle(size).await;
                 let chunks = self.chunks.clone();
                 let res = tokio::task::spawn_blocking(move || chunks.get(&id)).await;
                 match res {
-                    Ok(Ok(data)) => self.update(|s| {
-                        s.verified_chunks += 1;
-                        s.verified_bytes += data.len() as u64;
-                    }),
+                    Ok(Ok(data)) => {
+                        self.worker.moved(data.len() as u64);
+                        self.update(|s| {
+                            s.verified_chunks += 1;
+                            s.verified_bytes += data.len() as u64;
+                        })
+                    }
                     Ok(Err(ChunkError::Corrupt { .. })) => {
                         let chunks = self.chunks.clone();
                         let moved =
@@ -201,6 +223,7 @@ impl Scrub {
                         if let Ok(Err(e)) = moved {
                             tracing::error!(%id, error = %e, "cannot move a corrupt chunk aside");
                         }
+                        crate::metrics::scrub_found(1, 0);
                         self.update(|s| s.corrupt += 1);
                     }
                     // Deleted meanwhile (garbage collection): nothing to check.
@@ -263,7 +286,7 @@ impl Scrub {
             nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
         for g in led {
             if let Err(e) = self.check_group(g, &addrs).await {
-                tracing::warn!(group = g, error = %e, "scrub index pass");
+                self.worker.error(format!("index pass, group {g}: {e}"));
             }
         }
         tracing::info!(status = ?self.status(), "scrub: index pass done");
@@ -344,6 +367,7 @@ impl Scrub {
                     .await
                     .map_err(|e| format!("recording missing replicas: {e}"))?;
                 let n: u64 = missing.values().map(|v| v.len() as u64).sum();
+                crate::metrics::scrub_found(0, n);
                 self.update(|s| s.missing += n);
             }
             let n = page.len();

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// lists (0: never).
     #[serde(default = "default_gc_sweep_every_secs")]
     pub gc_sweep_every_secs: u64,
+    /// Where to serve Prometheus metrics (`/metrics`); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_gc_every_secs() -> u64 {
@@ -129,6 +132,8 @@ pub enum NodeError {
     Chunks(#[from] crate::chunkstore::ChunkError),
     #[error("server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -187,6 +192,9 @@ pub async fn run(
         None => store.node_set("node_id", &cfg.id.to_string())?,
     }
     let chunks = Arc::new(ChunkStore::open(&cfg.data, cfg.reserve_mib << 20)?);
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::install(addr).map_err(NodeError::Metrics)?;
+    }
     let settings = RaftSettings {
         snapshot_every: cfg.snapshot_every.max(1),
         keep_behind_snapshot: cfg.keep_logs,
@@ -249,6 +257,17 @@ pub async fn run(
         },
     );
     let gc_task = tokio::spawn(gc.clone().run());
+    // The chunk store's size and free space, for the metrics.
+    let store_gauges = {
+        let chunks = chunks.clone();
+        tokio::spawn(async move {
+            loop {
+                let (free, _) = chunks.disk_space().unwrap_or((0, 0));
+                crate::metrics::store(chunks.chunk_count(), chunks.chunk_bytes(), free);
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        })
+    };
     let background = tokio::spawn(crate::background::run(router));
     let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
     let admin = AdminSvc {
@@ -289,6 +308,7 @@ pub async fn run(
     repair_task.abort();
     scrub_task.abort();
     gc_task.abort();
+    store_gauges.abort();
     registry.shutdown().await;
     tracing::info!(id = cfg.id, "node stopped");
     Ok(())

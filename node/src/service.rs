@@ -844,6 +844,7 @@ impl AdminService for AdminSvc {
             repair: Some(self.repair.status()),
             scrub: Some(self.scrub.status()),
             gc: Some(self.gc.status().await),
+            workers: vec![self.repair.worker(), self.scrub.worker(), self.gc.worker()],
             error: None,
             node_id: self.registry.node_id(),
             cluster_id: self.registry.cluster_id(),

@@ -1,9 +1,116 @@
-//! Pieces every background worker (repair, scrub, garbage collection)
-//! shares: a byte-rate limit so they never starve foreground reads and
-//! writes, and a rate meter for progress and ETA.
+//! The shape every background worker (repair, scrub, garbage collection)
+//! shares: a byte-rate limit so it never starves foreground reads and
+//! writes, a rate meter, progress with an ETA, and its last error.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// What every background worker has: a byte-rate limit, a rate meter,
+/// progress of its current pass, and its last error, reported in one shape
+/// (`WorkerStatus`) by `musicfs status`.
+pub struct Worker {
+    name: &'static str,
+    unit: &'static str,
+    limit: RateLimit,
+    limit_bytes_per_sec: u64,
+    bytes: std::sync::atomic::AtomicU64,
+    meter: Meter,
+    pass: Mutex<Pass>,
+}
+
+#[derive(Default)]
+struct Pass {
+    state: String,
+    done: u64,
+    total: u64,
+    /// When the state last changed, and `done` then (for the ETA).
+    started: Option<Instant>,
+    first_done: u64,
+    last_error: String,
+}
+
+impl Worker {
+    /// A worker counting its progress in `unit`s, limited to
+    /// `bytes_per_sec` (0: unlimited).
+    pub fn new(name: &'static str, unit: &'static str, bytes_per_sec: u64) -> Self {
+        Worker {
+            name,
+            unit,
+            limit: RateLimit::new(bytes_per_sec),
+            limit_bytes_per_sec: bytes_per_sec,
+            bytes: std::sync::atomic::AtomicU64::new(0),
+            meter: Meter::default(),
+            pass: Mutex::new(Pass {
+                state: "idle".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Waits until `bytes` may be moved.
+    pub async fn throttle(&self, bytes: u64) {
+        self.limit.take(bytes).await;
+    }
+
+    /// Counts bytes moved.
+    pub fn moved(&self, bytes: u64) {
+        self.bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.meter.add(bytes);
+        crate::metrics::worker_bytes(self.name, bytes);
+    }
+
+    /// Sets what the worker does and how far its pass is; the ETA counts
+    /// from when the state last changed.
+    pub fn set(&self, state: &str, done: u64, total: u64) {
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if p.state != state {
+            p.state = state.to_string();
+            p.started = Some(Instant::now());
+            p.first_done = done;
+        }
+        p.done = done;
+        p.total = total.max(done);
+        crate::metrics::worker_progress(self.name, p.done, p.total);
+    }
+
+    /// Nothing to do until the next pass.
+    pub fn idle(&self) {
+        self.set("idle", 0, 0);
+    }
+
+    pub fn error(&self, e: String) {
+        tracing::warn!(worker = self.name, error = %e, "background work");
+        crate::metrics::worker_error(self.name);
+        self.pass
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_error = e;
+    }
+
+    pub fn status(&self) -> proto::admin::WorkerStatus {
+        let p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let eta_secs = match p.started {
+            Some(t) if p.done > p.first_done && p.total > p.done => {
+                let per_unit = t.elapsed().as_secs_f64() / (p.done - p.first_done) as f64;
+                (per_unit * (p.total - p.done) as f64).ceil() as u64
+            }
+            _ => 0,
+        };
+        proto::admin::WorkerStatus {
+            name: self.name.into(),
+            state: p.state.clone(),
+            done: p.done,
+            total: p.total,
+            unit: self.unit.into(),
+            bytes: self.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_per_sec: self.meter.rate() as u64,
+            limit_bytes_per_sec: self.limit_bytes_per_sec,
+            eta_secs,
+            last_error: p.last_error.clone(),
+        }
+    }
+}
 
 /// A token bucket in bytes per second, with one second of burst.
 pub struct RateLimit {

@@ -61,7 +61,7 @@ pub struct Node {
     pub addr: String,
     pub data: PathBuf,
     pub child: Option<Child>,
-    args: Vec<String>,
+    pub args: Vec<String>,
     /// Extra environment for the next start (e.g. FAILPOINTS).
     pub env: Vec<(String, String)>,
 }
