@@ -843,6 +843,16 @@ impl Fs {
                 to_upload.push((c.id, c.data.clone()));
             }
         }
+        // The commit relies on this answer from now on, even if an upload
+        // below fails and the spill is retried later: a stale answer must
+        // make the commit ask again, not pass.
+        if !st.new_chunks.is_empty() || !to_upload.is_empty() {
+            st.checked_at_ms = match st.checked_at_ms {
+                0 => checked_at,
+                t => t.min(checked_at),
+            };
+            st.pending_since.get_or_insert_with(std::time::Instant::now);
+        }
         let cluster = self.cluster.clone();
         let uploaded: Vec<(ChunkId, u64, Vec<u64>)> = stream::iter(to_upload)
             .map(|(id, data)| {
@@ -865,13 +875,7 @@ impl Fs {
                 locations: locs,
             });
         }
-        if !st.new_chunks.is_empty() {
-            st.checked_at_ms = match st.checked_at_ms {
-                0 => checked_at,
-                t => t.min(checked_at),
-            };
-            st.pending_since.get_or_insert_with(std::time::Instant::now);
-        }
+
         for c in chunks {
             // Keep the cache warm with what was just written.
             lock(&self.cache).insert(c.id, c.data.clone());

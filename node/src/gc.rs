@@ -308,6 +308,12 @@ impl Gc {
     /// Deletes this node's chunk files that the index does not list here
     /// and that were written before their group's horizon.
     pub async fn sweep(&self) -> Result<(), String> {
+        let r = self.sweep_all().await;
+        self.worker.idle();
+        r
+    }
+
+    async fn sweep_all(&self) -> Result<(), String> {
         let me = self.router.registry().node_id();
         let count = self.router.group_count().map_err(|e| e.to_string())?;
         let mut batch: HashMap<u32, Vec<(ChunkId, u64)>> = HashMap::new();
@@ -340,7 +346,6 @@ impl Gc {
                 }
             }
         }
-        self.worker.idle();
         failed.dedup();
         if failed.is_empty() {
             Ok(())

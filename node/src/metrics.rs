@@ -29,7 +29,8 @@ pub const GC_DELETED_BYTES: &str = "musicfs_gc_deleted_bytes_total";
 pub const STORE_CHUNKS: &str = "musicfs_store_chunks";
 pub const STORE_BYTES: &str = "musicfs_store_bytes";
 pub const STORE_FREE_BYTES: &str = "musicfs_store_disk_free_bytes";
-/// 1 when a storage node answered this node's last probe, else 0.
+/// 1 when a storage node answered this node's last probe, 0 when it did
+/// not, -1 once it is removed (no longer expected to answer).
 pub const STORAGE_NODE_UP: &str = "musicfs_storage_node_up";
 
 /// Serves the metrics over HTTP at `addr`.
@@ -86,4 +87,8 @@ pub fn store(chunks: u64, bytes: u64, free: u64) {
 
 pub fn storage_node_up(node: u64, up: bool) {
     metrics::gauge!(STORAGE_NODE_UP, "node" => node.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn storage_node_removed(node: u64) {
+    metrics::gauge!(STORAGE_NODE_UP, "node" => node.to_string()).set(-1.0);
 }

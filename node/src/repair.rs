@@ -306,6 +306,12 @@ impl Repair {
             });
         let results = futures::future::join_all(probes).await;
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        for n in nodes
+            .iter()
+            .filter(|n| n.state() == StorageState::StorageRemoved)
+        {
+            crate::metrics::storage_node_removed(n.node_id);
+        }
         for (id, ok) in results {
             crate::metrics::storage_node_up(id, ok);
             let h = health.entry(id).or_insert(Health {
@@ -444,11 +450,15 @@ impl Repair {
         } else {
             under.last().map(|(id, _)| *id)
         };
+        let under_ids: std::collections::HashSet<ChunkId> =
+            under.iter().map(|(id, _)| *id).collect();
         let under_short = self.work_on(under, rf, states, addrs, &mut changes).await;
         let page_len = page.as_ref().map(Vec::len);
         let page_short = match page {
-            Some(p) => {
+            Some(mut p) => {
                 let last = p.last().map(|(id, _)| *id);
+                // Chunks just handled from the index are not copied twice.
+                p.retain(|(id, _)| !under_ids.contains(id));
                 let short = self.work_on(p, rf, states, addrs, &mut changes).await;
                 Some((last, short))
             }

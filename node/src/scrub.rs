@@ -318,10 +318,6 @@ impl Scrub {
                     by_node.entry(*n).or_default().push(*id);
                 }
             }
-            let seen: HashMap<ChunkId, Vec<u64>> = page
-                .iter()
-                .map(|(id, rec)| (*id, rec.locations.clone()))
-                .collect();
             let mut missing: BTreeMap<ChunkId, Vec<u64>> = BTreeMap::new();
             for (node, ids) in by_node {
                 // A node that does not answer cannot be asked; repair
@@ -359,7 +355,10 @@ impl Scrub {
                         chunk_id: Bytes::copy_from_slice(&id.0),
                         add: vec![],
                         remove: nodes.clone(),
-                        seen: seen.get(id).cloned().unwrap_or_default(),
+                        // Unconditional: the node was just asked and does
+                        // not hold the chunk, whatever else changed in the
+                        // record meanwhile (at worst repair copies again).
+                        seen: Vec::new(),
                     })
                     .collect();
                 self.router

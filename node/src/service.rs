@@ -282,7 +282,9 @@ impl ChunkService for ChunkSvc {
                     tracing::error!(%id, error = %e, "corrupt chunk on disk");
                     // Never read it again; a scrub then finds the replica
                     // missing and repair copies a good one back.
-                    if let Err(q) = self.store.quarantine(&id) {
+                    let store = self.store.clone();
+                    let moved = tokio::task::spawn_blocking(move || store.quarantine(&id)).await;
+                    if let Ok(Err(q)) = moved {
                         tracing::error!(%id, error = %q, "cannot move a corrupt chunk aside");
                     }
                 }

@@ -203,7 +203,8 @@ impl Namespace {
             was.sort_unstable();
             let mut seen = seen.clone();
             seen.sort_unstable();
-            let may_remove = seen == was;
+            // No `seen`: the caller checked the removal itself.
+            let may_remove = seen.is_empty() || seen == was;
             for a in add {
                 if *a != 0 && !rec.locations.contains(a) {
                     rec.locations.push(*a);
