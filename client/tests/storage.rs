@@ -695,3 +695,91 @@ async fn a_full_disk_refuses_chunks_and_loses_nothing() {
         c.kill(i);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_writer_commits_before_its_chunks_could_be_freed() {
+    let c = TestCluster::start(3, &["--gc-every-secs", "1", "--gc-sweep-every-secs", "2"]).await;
+    c.init_with(admin::InitOptions {
+        groups: 4,
+        replication: 3,
+        commit_window_secs: 2,
+    })
+    .await;
+    let seeds = parse_seeds(&c.seeds()).expect("seeds");
+    let (a, b) = (fresh_client(&c).await, fresh_client(&c).await);
+    let data = Gen(0x51).bytes(48 << 20);
+    // B has a file with A's first 40 MiB, so A's spilled chunks are ones
+    // the index knows.
+    b.write_file("/shared.flac", &data[..40 << 20], 0o644)
+        .await
+        .expect("write shared");
+    let f = a
+        .create(
+            proto::ROOT_INO,
+            b"slow.flac",
+            proto::meta::FileKind::Regular,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+        )
+        .await
+        .expect("create");
+    let fh = a.open(f.ino).await.expect("open");
+    for (i, piece) in data[..40 << 20].chunks(1 << 20).enumerate() {
+        a.write(fh, (i as u64) << 20, piece).await.expect("write");
+    }
+    // More than 32 MiB is buffered: A spilled chunks it has not committed.
+    // Its checkpoint commits them well within the 2 s window, visible to
+    // another client before A closes.
+    wait_for("A's checkpoint commit", Duration::from_secs(10), || async {
+        let size = b.getattr(f.ino).await.ok()?.size;
+        (size > 0).then_some(())
+    })
+    .await;
+    // B deletes its copy; GC runs for several horizons while A is still
+    // writing.
+    b.remove_path("/shared.flac").await.expect("rm shared");
+    wait_for(
+        "GC to free what only B's file used",
+        Duration::from_secs(30),
+        || {
+            let seeds = seeds.clone();
+            async move {
+                let r = admin::gc(&seeds, true).await.ok()?;
+                (r.settled_groups == r.led_groups
+                    && r.reclaimable_chunks == 0
+                    && r.waiting_chunks == 0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // The write session goes on well past the commit window (the point of
+    // the test, not a wait for something to happen).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (i, piece) in data[40 << 20..].chunks(1 << 20).enumerate() {
+        a.write(fh, (40 << 20) + ((i as u64) << 20), piece)
+            .await
+            .expect("write tail");
+    }
+    a.release(fh).await.expect("close commits");
+    let got = fresh_client(&c)
+        .await
+        .read_file("/slow.flac")
+        .await
+        .expect("read");
+    assert!(got == data, "the slow writer's file is intact");
+    let files: BTreeMap<String, Vec<u8>> = [("/slow.flac".to_string(), data)].into();
+    for (id, l) in locations(&a, &files).await {
+        assert_eq!(l.len(), 3, "chunk {id}: {l:?}");
+        for (i, n) in c.nodes.iter().enumerate() {
+            assert!(
+                files_on(&n.data).contains(&id),
+                "chunk {id} missing on node {}",
+                i + 1
+            );
+        }
+    }
+}
