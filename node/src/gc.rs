@@ -217,7 +217,11 @@ impl Gc {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let at_ms = now_ms();
+        // The settled time is the earliest of this leader's clock and the
+        // clocks of the leaders that answer: a leader whose clock runs
+        // ahead cannot move the horizon past what the others' commit-window
+        // checks (by their own clocks) still accept.
+        let mut at_ms = now_ms();
         let mut next = Vec::new();
         for source in (0..count).filter(|s| *s != group) {
             let r = self
@@ -225,6 +229,9 @@ impl Gc {
                 .query(source, Q::OutSeq(OutSeqQuery { target: group }))
                 .await
                 .map_err(|e| format!("asking group {source}: {e}"))?;
+            if r.now_ms > 0 {
+                at_ms = at_ms.min(r.now_ms);
+            }
             next.push((source, r.count));
         }
         self.pending

@@ -1579,7 +1579,10 @@ impl Namespace {
             }
             Q::StorageNodes(_) => self.query_storage_nodes(kv, &mut out)?,
             Q::NodeChunks(q) => out.count = self.count_node_chunks(kv, q.node_id)?,
-            Q::OutSeq(q) => out.count = self.next_out_seq(kv, q.target)?,
+            Q::OutSeq(q) => {
+                out.count = self.next_out_seq(kv, q.target)?;
+                out.now_ms = Timespec::now().as_millis();
+            }
             Q::Holds(q) => self.query_holds(kv, q, &mut out)?,
             Q::StatFs(_) => {
                 let g = self.group_record(kv)?;
