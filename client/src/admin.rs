@@ -466,6 +466,24 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
             repair.unavailable
         ));
     }
+    // Fewer copies than promised is a risk even while nothing is lost.
+    if repair.waiting_for_nodes > 0 {
+        problems.push(format!(
+            "{} chunk(s) cannot get {} copies: too few usable storage nodes (bring one back or add one)",
+            repair.waiting_for_nodes, first.replication
+        ));
+    } else if repair.under_replicated > 0 {
+        problems.push(format!(
+            "{} chunk(s) have fewer than {} copies; repair is copying them{}",
+            repair.under_replicated,
+            first.replication,
+            if repair.eta_secs > 0 {
+                format!(" (about {} s left)", repair.eta_secs)
+            } else {
+                String::new()
+            }
+        ));
+    }
     Ok(ClusterView {
         cluster_id: first.cluster_id,
         healthy: problems.is_empty(),
