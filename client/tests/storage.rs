@@ -17,6 +17,51 @@ use proto::storage::HasChunksRequest;
 use proto::ChunkId;
 
 /// Writes `albums` albums of `tracks` tracks (64 KiB to ~3 MiB each);
+/// Creates directory `name` in `parent`.
+async fn mkdir(fs: &Fs, parent: u64, name: &str) -> proto::meta::Attr {
+    fs.create(
+        parent,
+        name.as_bytes(),
+        proto::meta::FileKind::Directory,
+        0o755,
+        0,
+        0,
+        0,
+        b"",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("mkdir {name}: {e}"))
+}
+
+/// Wall-clock milliseconds, as the nodes stamp them.
+fn now_ms() -> u64 {
+    proto::meta::Timespec::now().as_millis()
+}
+
+/// Waits until every metadata group's garbage-collection horizon is past
+/// `t_ms`: from then on GC may free anything unreferenced before `t_ms`.
+async fn horizon_past(fs: &Fs, t_ms: u64) {
+    let groups = fs.cluster().group_count();
+    wait_for(
+        "every group's GC horizon to pass",
+        Duration::from_secs(60),
+        || async {
+            for g in 0..groups {
+                let r = fs
+                    .cluster()
+                    .query(g, proto::meta::query::Q::Holds(Default::default()))
+                    .await
+                    .ok()?;
+                if r.horizon_ms <= t_ms {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
 /// returns path → content.
 async fn write_library(
     fs: &Fs,
@@ -25,33 +70,10 @@ async fn write_library(
     tracks: usize,
 ) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
-    let artist = fs
-        .create(
-            proto::ROOT_INO,
-            b"Artist",
-            proto::meta::FileKind::Directory,
-            0o755,
-            0,
-            0,
-            0,
-            b"",
-        )
-        .await
-        .expect("mkdir artist");
+    let artist = mkdir(fs, proto::ROOT_INO, "Artist").await;
     for a in 0..albums {
         let name = format!("Album {a}");
-        fs.create(
-            artist.ino,
-            name.as_bytes(),
-            proto::meta::FileKind::Directory,
-            0o755,
-            0,
-            0,
-            0,
-            b"",
-        )
-        .await
-        .expect("mkdir album");
+        mkdir(fs, artist.ino, &name).await;
         for t in 0..tracks {
             let size = (64 << 10) + g.pick(3 << 20);
             let data = g.bytes(size);
@@ -529,21 +551,23 @@ async fn gc_frees_unused_chunks_and_never_one_a_writer_uses() {
     .await;
 
     // Races: one client deletes a file while the other writes a file with
-    // the same content (so the same chunks), with and without a pause
-    // that lets GC run in between.
+    // the same content (so the same chunks): at the same moment, or once
+    // GC may have freed the deleted file's chunks.
     let mut kept = BTreeMap::new();
     for i in 0..6u64 {
         let n = (1 << 20) + g.pick(2 << 20);
         let data = g.bytes(n);
         let (pa, pb) = (format!("/a{i}"), format!("/b{i}"));
         a.write_file(&pa, &data, 0o644).await.expect("write a");
-        let pause = Duration::from_millis([0, 5, 50, 500, 3000, 7000][i as usize]);
-        let (ra, rb) = tokio::join!(a.remove_path(&pa), async {
-            tokio::time::sleep(pause).await;
-            b.write_file(&pb, &data, 0o644).await
-        });
-        ra.expect("delete a");
-        rb.expect("write b");
+        if i < 3 {
+            let (ra, rb) = tokio::join!(a.remove_path(&pa), b.write_file(&pb, &data, 0o644));
+            ra.expect("delete a");
+            rb.expect("write b");
+        } else {
+            a.remove_path(&pa).await.expect("delete a");
+            horizon_past(&b, now_ms()).await;
+            b.write_file(&pb, &data, 0o644).await.expect("write b");
+        }
         kept.insert(pb, data);
     }
 
@@ -559,7 +583,8 @@ async fn gc_frees_unused_chunks_and_never_one_a_writer_uses() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // GC may now have freed anything unreferenced before the last write.
+    horizon_past(&b, now_ms()).await;
     read_back(&*fresh_client(&c).await, &kept).await;
     let locs = locations(&b, &kept).await;
     for (id, l) in &locs {
@@ -730,6 +755,7 @@ async fn a_slow_writer_commits_before_its_chunks_could_be_freed() {
     for (i, piece) in data[..40 << 20].chunks(1 << 20).enumerate() {
         a.write(fh, (i as u64) << 20, piece).await.expect("write");
     }
+    let spilled_at = now_ms();
     // More than 32 MiB is buffered: A spilled chunks it has not committed.
     // Its checkpoint commits them well within the 2 s window, visible to
     // another client before A closes.
@@ -756,9 +782,9 @@ async fn a_slow_writer_commits_before_its_chunks_could_be_freed() {
         },
     )
     .await;
-    // The write session goes on well past the commit window (the point of
-    // the test, not a wait for something to happen).
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The write session goes on past the commit window: until GC may free
+    // anything unreferenced since A spilled.
+    horizon_past(&b, spilled_at).await;
     for (i, piece) in data[40 << 20..].chunks(1 << 20).enumerate() {
         a.write(fh, (40 << 20) + ((i as u64) << 20), piece)
             .await

@@ -45,7 +45,7 @@ use crate::namespace::placement::{gc_horizon_ms, MAX_REAP};
 use crate::namespace::Namespace;
 use crate::repair::ChunkClients;
 use crate::router::Router;
-use crate::worker::Worker;
+use crate::worker::{now_ms, Worker};
 
 /// Garbage-collection settings (node configuration).
 #[derive(Clone, Debug)]
@@ -75,14 +75,8 @@ pub struct Gc {
     pending: Mutex<HashMap<u32, Pending>>,
     reaped: AtomicU64,
     deleted: AtomicU64,
-    deleted_bytes: AtomicU64,
-    last_error: Mutex<String>,
     worker: Worker,
     wake: Notify,
-}
-
-fn now_ms() -> u64 {
-    Timespec::now().as_millis()
 }
 
 fn ts(ms: u64) -> Timespec {
@@ -107,16 +101,13 @@ impl Gc {
             pending: Mutex::new(HashMap::new()),
             reaped: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
-            deleted_bytes: AtomicU64::new(0),
-            last_error: Mutex::new(String::new()),
             worker: Worker::new("gc", "leaf directories", 0),
             wake: Notify::new(),
         })
     }
 
     fn note_error(&self, e: String) {
-        self.worker.error(e.clone());
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+        self.worker.error(e);
     }
 
     /// The worker's common status (rate, limit, progress, last error).
@@ -126,7 +117,6 @@ impl Gc {
 
     fn freed(&self, files: u64, bytes: u64) {
         self.deleted.fetch_add(files, Ordering::Relaxed);
-        self.deleted_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.worker.moved(bytes);
         crate::metrics::gc_deleted(files, bytes);
     }
@@ -381,8 +371,7 @@ impl Gc {
             )
             .await
             .map_err(|e| e.to_string())?;
-        // `now_ms` carries the group's horizon (0 until it has settled).
-        let horizon = r.now_ms;
+        let horizon = r.horizon_ms;
         for ((id, written), listed) in files.iter().zip(r.present) {
             if listed || *written >= horizon {
                 continue;
@@ -430,12 +419,9 @@ impl Gc {
         .unwrap_or_default();
         st.reaped_chunks = self.reaped.load(Ordering::Relaxed);
         st.deleted_files = self.deleted.load(Ordering::Relaxed);
-        st.deleted_bytes = self.deleted_bytes.load(Ordering::Relaxed);
-        st.last_error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let w = self.worker.status();
+        st.deleted_bytes = w.bytes;
+        st.last_error = w.last_error;
         st
     }
 }

@@ -208,19 +208,21 @@ impl Router {
         }
         // A cluster made before storage nodes were recorded: every
         // metadata node stores chunks.
+        self.meta_nodes()
+            .into_iter()
+            .map(|(node_id, addr)| proto::meta::StorageNode {
+                node_id,
+                addr,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// The metadata nodes (group 0's members) and their addresses.
+    pub fn meta_nodes(&self) -> Vec<(u64, String)> {
         self.registry
             .group(0)
-            .map(|g| {
-                g.status()
-                    .nodes
-                    .into_iter()
-                    .map(|(node_id, addr)| proto::meta::StorageNode {
-                        node_id,
-                        addr,
-                        ..Default::default()
-                    })
-                    .collect()
-            })
+            .map(|g| g.status().nodes)
             .unwrap_or_default()
     }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use proto::meta::{LocationChange, StorageNode, StorageState};
@@ -27,7 +27,7 @@ use crate::chunkstore::{ChunkError, ChunkStore};
 use crate::namespace::Namespace;
 use crate::repair::{ChunkClients, Repair};
 use crate::router::Router;
-use crate::worker::Worker;
+use crate::worker::{now_ms, Worker};
 
 /// Scrub settings (node configuration).
 #[derive(Clone, Debug)]
@@ -46,13 +46,6 @@ const WAIT_FOR_PEERS: Duration = Duration::from_secs(3600);
 const LEAVES: u32 = 1 << 16;
 /// Node-store key: when the last scrub finished (ms).
 const KEY_SCRUBBED: &str = "scrub_finished_ms";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 pub struct Scrub {
     router: Arc<Router>,

@@ -219,6 +219,10 @@ fn parse_id(b: &[u8]) -> Result<ChunkId, WireError> {
     ChunkId::try_from(b).map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))
 }
 
+fn parse_ids(raw: &[Bytes]) -> Result<Vec<ChunkId>, WireError> {
+    raw.iter().map(|b| parse_id(b)).collect()
+}
+
 #[tonic::async_trait]
 impl ChunkService for ChunkSvc {
     async fn put(
@@ -301,21 +305,15 @@ impl ChunkService for ChunkSvc {
         request: Request<HasChunksRequest>,
     ) -> Result<Response<HasChunksResponse>, Status> {
         let req = request.into_inner();
-        let mut present = Vec::with_capacity(req.chunk_ids.len());
-        for raw in &req.chunk_ids {
-            match parse_id(raw) {
-                Ok(id) => present.push(self.store.has(&id)),
-                Err(e) => {
-                    return Ok(Response::new(HasChunksResponse {
-                        error: Some(e),
-                        present: vec![],
-                    }))
-                }
-            }
-        }
-        Ok(Response::new(HasChunksResponse {
-            error: None,
-            present,
+        Ok(Response::new(match parse_ids(&req.chunk_ids) {
+            Ok(ids) => HasChunksResponse {
+                error: None,
+                present: ids.iter().map(|id| self.store.has(id)).collect(),
+            },
+            Err(e) => HasChunksResponse {
+                error: Some(e),
+                present: vec![],
+            },
         }))
     }
 
@@ -324,18 +322,15 @@ impl ChunkService for ChunkSvc {
         request: Request<DeleteChunksRequest>,
     ) -> Result<Response<DeleteChunksResponse>, Status> {
         let req = request.into_inner();
-        let mut ids = Vec::with_capacity(req.chunk_ids.len());
-        for raw in &req.chunk_ids {
-            match parse_id(raw) {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    return Ok(Response::new(DeleteChunksResponse {
-                        error: Some(e),
-                        ..Default::default()
-                    }))
-                }
+        let ids = match parse_ids(&req.chunk_ids) {
+            Ok(ids) => ids,
+            Err(e) => {
+                return Ok(Response::new(DeleteChunksResponse {
+                    error: Some(e),
+                    ..Default::default()
+                }))
             }
-        }
+        };
         let store = self.store.clone();
         let res = tokio::task::spawn_blocking(move || {
             let (mut n, mut bytes) = (0, 0);
@@ -512,16 +507,12 @@ impl AdminSvc {
 impl AdminSvc {
     /// The metadata nodes (group 0's members).
     fn meta_peers(&self) -> Vec<Peer> {
-        self.registry
-            .group(0)
-            .map(|g| {
-                g.status()
-                    .nodes
-                    .into_iter()
-                    .map(|(node_id, addr)| Peer { node_id, addr })
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.meta
+            .router
+            .meta_nodes()
+            .into_iter()
+            .map(|(node_id, addr)| Peer { node_id, addr })
+            .collect()
     }
 
     /// Chunk records, over every group, that list `node`.

@@ -5,6 +5,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Wall-clock milliseconds since 1970.
+pub fn now_ms() -> u64 {
+    proto::meta::Timespec::now().as_millis()
+}
+
 /// What every background worker has: a byte-rate limit, a rate meter,
 /// progress of its current pass, and its last error, reported in one shape
 /// (`WorkerStatus`) by `musicfs status`.

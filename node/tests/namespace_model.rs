@@ -714,6 +714,6 @@ fn unreferenced_chunks_are_reaped_only_past_the_horizon() {
         chunk_ids: vec![Bytes::copy_from_slice(&id.0)],
     }));
     assert_eq!(holds.settled_ms, 50_000);
-    assert_eq!(holds.now_ms, 50_000 - 10_000 - 10_000, "horizon");
+    assert_eq!(holds.horizon_ms, 50_000 - 10_000 - 10_000, "horizon");
     assert_eq!(holds.present, vec![false]);
 }

@@ -302,9 +302,9 @@ impl Namespace {
     ) -> Result<(), NsError> {
         let stats = self.group_record(kv)?;
         out.settled_ms = stats.settled_ms;
-        // The horizon rides along in `now_ms`: files older than it that
-        // the index does not list may be deleted.
-        out.now_ms = gc_horizon_ms(&stats);
+        // Files older than the horizon that the index does not list may be
+        // deleted.
+        out.horizon_ms = gc_horizon_ms(&stats);
         for raw in &q.chunk_ids {
             let id = ChunkId::try_from(&raw[..]).map_err(|e| NsError::Invalid(e.to_string()))?;
             let listed = self
