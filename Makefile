@@ -4,9 +4,9 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/musicfs/target
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
-APT_PKGS := clang libclang-dev pkg-config fuse3
+APT_PKGS := clang libclang-dev pkg-config fuse3 iproute2 iptables
 
-.PHONY: deps build dev test lint unit integration pjdfstest bench clean-dev
+.PHONY: deps build dev test lint unit integration chaos pjdfstest bench clean-dev
 
 deps:
 	@scripts/install-deps.sh $(APT_PKGS)
@@ -20,8 +20,8 @@ dev: build
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
-	@# Crate boundaries (docs/ARCHITECTURE.md): proto and client never pull in rocksdb or openraft.
-	@for c in musicfs-proto musicfs; do \
+	@# Crate boundaries (docs/ARCHITECTURE.md): proto, client and the chaos harness never pull in rocksdb or openraft.
+	@for c in musicfs-proto musicfs chaos-tests; do \
 	  if $(CARGO) tree --locked -e normal -p $$c --prefix none | grep -Eq '^(rocksdb|librocksdb-sys|openraft) '; then \
 	    echo "crate $$c depends on rocksdb or openraft"; exit 1; fi; done
 
@@ -33,7 +33,15 @@ unit: deps
 pjdfstest: build
 	scripts/pjdfstest.sh
 
-test: lint unit pjdfstest
+# Fault injection against real nodes in network namespaces (needs root):
+# the short set of scenarios, including one against a deliberately broken
+# node that the checker must catch (docs/CHAOS.md). Nodes carry failure
+# points for that run, so this builds them with the feature.
+chaos: deps
+	$(CARGO) build --release --locked --workspace --bins --features musicfs-node/failpoints
+	$(BIN)/chaos-tests short $(CHAOS_ARGS)
+
+test: lint unit chaos pjdfstest
 
 bench: build
 	benches/fs-bench.sh

@@ -31,6 +31,8 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// Timeout of a single RPC.
     pub rpc_timeout: Duration,
+    /// Local address to connect from (default: the system's choice).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl ClusterConfig {
@@ -39,6 +41,7 @@ impl ClusterConfig {
             seeds,
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(10),
+            local_address: None,
         }
     }
 }
@@ -277,6 +280,7 @@ impl Cluster {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ClientError::Invalid(format!("bad address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
+            .local_address(self.cfg.local_address)
             .timeout(self.cfg.rpc_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)

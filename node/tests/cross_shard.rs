@@ -478,6 +478,58 @@ async fn a_retried_cross_shard_request_applies_once() {
     assert_consistent(&mem, "after the retry");
 }
 
+/// A retry can be answered while the first run of the same request is
+/// still stalled inside its transaction (seen in the chaos tests under a
+/// one-way partition): the reply the client got stands, and the stalled
+/// run may not commit afterwards.
+#[tokio::test]
+async fn a_stalled_run_does_not_commit_after_its_retry_was_answered() {
+    let mem = Mem::new(4);
+    let name = remote_name(ROOT_INO, "d", 4, u32::MAX);
+    // Another client's file holds the name when the retry arrives.
+    let file = mk(&mem, ROOT_INO, &name, FileKind::Regular).await;
+    let op = create(ROOT_INO, &name, FileKind::Directory);
+    let retry = mem
+        .apply(0, op.clone(), 9, 5)
+        .expect_err("the name is taken");
+    assert_eq!(retry.code(), ErrorCode::Exists);
+    // The file goes away; then the first run goes on.
+    mem.apply(
+        0,
+        Op::Remove(RemoveOp {
+            parent: ROOT_INO,
+            name: name.as_bytes().to_vec().into(),
+            dir: false,
+        }),
+        0,
+        0,
+    )
+    .expect("unlink");
+    assert_ne!(lookup(&mem, ROOT_INO, &name), Some(file));
+    let node = Node::new(&mem, usize::MAX);
+    let cmd = Command {
+        version: 1,
+        now: None,
+        client_id: 9,
+        request_seq: 5,
+        acked_below: 0,
+        op: Some(op),
+    };
+    let first = coordinator::run(&node, 0, 4, &cmd).await;
+    assert_eq!(
+        first.error.map(|e| e.code()),
+        Some(ErrorCode::Exists),
+        "the first run must give the reply the retry gave"
+    );
+    assert_eq!(
+        lookup(&mem, ROOT_INO, &name),
+        None,
+        "a request answered EEXIST created the directory"
+    );
+    recover(&mem).await;
+    assert_consistent(&mem, "after the stalled run");
+}
+
 /// Chunk `i` of a test file.
 fn chunk(i: u32) -> ChunkId {
     ChunkId::of(&i.to_be_bytes())

@@ -394,7 +394,8 @@ impl Namespace {
     }
 
     /// Records the coordinator's outcome once. Commit is refused (and the
-    /// transaction aborted) when the client's request already completed.
+    /// transaction aborted) when the client's request already has a reply,
+    /// success or error.
     pub(super) fn txn_decide<R: KvRead + ?Sized>(
         &self,
         txn: &mut Txn<'_, R>,
@@ -417,9 +418,11 @@ impl Namespace {
             if let Some(b) = txn.get(&rkey)? {
                 let earlier: CommandResult = decode(&rkey, &b)?;
                 // A batch whose cross-shard part is still to do is not an
-                // answer yet.
+                // answer yet. Any other recorded reply, an error included,
+                // may have reached the client (a retry that ran while this
+                // run was stalled): this run must not change the outcome.
                 let unfinished = earlier.results.iter().any(super::crossed);
-                if earlier.error.is_none() && !unfinished {
+                if !unfinished {
                     commit = false;
                     out = earlier;
                     out.txn_state = TxnState::TxnDuplicate as i32;
