@@ -199,6 +199,16 @@ impl Faults {
                 }
                 vec![n]
             }
+            Fault::Bridge { who } => {
+                let n = self.resolve(c, *who, data_group).await?;
+                let others: Vec<usize> = (0..NODES).filter(|&o| o != n).collect();
+                for (k, &a) in others.iter().enumerate() {
+                    for &b in &others[k + 1..] {
+                        c.net.cut(Peer::Host(a), Peer::Host(b))?;
+                    }
+                }
+                vec![n]
+            }
             Fault::OneWay { from, to } => {
                 let a = self.resolve(c, *from, data_group).await?;
                 let b = self.resolve(c, *to, data_group).await?;

@@ -37,6 +37,11 @@ pub enum Fault {
     ClientWithMinority {
         who: Who,
     },
+    /// Cuts the other two nodes off from each other; `who` still reaches
+    /// both (a bridge between the two sides).
+    Bridge {
+        who: Who,
+    },
     /// Drops packets from `from` to `to` only.
     OneWay {
         from: Who,
@@ -109,6 +114,12 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "client-in-minority",
         about: "the leader and client 0 on one side, the other two nodes on the other",
+        short: true,
+        broken: None,
+    },
+    Scenario {
+        name: "bridge",
+        about: "the two followers cannot reach each other; the leader still reaches both",
         short: true,
         broken: None,
     },
@@ -211,6 +222,18 @@ pub fn schedule(name: &str, seed: u64, secs: u64, nodes: usize) -> Vec<Step> {
                 );
                 push(&mut steps, t + rng.random_range(6000..7000), Fault::Heal);
                 t += 10000;
+            }
+        }
+        "bridge" => {
+            while t + 6000 <= end {
+                let who = if rng.random_bool(0.5) {
+                    Who::Leader
+                } else {
+                    node(&mut rng)
+                };
+                push(&mut steps, t, Fault::Bridge { who });
+                push(&mut steps, t + rng.random_range(4000..6000), Fault::Heal);
+                t += 9000;
             }
         }
         "one-way" => {
@@ -318,7 +341,7 @@ pub fn schedule(name: &str, seed: u64, secs: u64, nodes: usize) -> Vec<Step> {
                     node(&mut rng)
                 };
                 let hold = rng.random_range(3000..7000);
-                let (on, off) = match rng.random_range(0..9) {
+                let (on, off) = match rng.random_range(0..10) {
                     0 => (Fault::Isolate { who }, Fault::Heal),
                     1 => (Fault::SplitNode { who }, Fault::Heal),
                     2 => (Fault::ClientWithMinority { who }, Fault::Heal),
@@ -333,6 +356,7 @@ pub fn schedule(name: &str, seed: u64, secs: u64, nodes: usize) -> Vec<Step> {
                     5 => (Fault::Pause { who }, Fault::Resume { who: Who::Last }),
                     6 => (Fault::FillDisk { who }, Fault::FreeDisk { who: Who::Last }),
                     7 => (Fault::Loss { probability: 0.1 }, Fault::Heal),
+                    8 => (Fault::Bridge { who }, Fault::Heal),
                     _ => (Fault::Slow { who, ms: 100 }, Fault::Heal),
                 };
                 push(&mut steps, t, on);
