@@ -6,7 +6,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 APT_PKGS := clang libclang-dev pkg-config fuse3 iproute2 iptables
 
-.PHONY: deps build dev test lint unit integration chaos pjdfstest bench clean-dev
+.PHONY: deps build dev test lint unit integration chaos pjdfstest image compose-test bench clean-dev
 
 deps:
 	@scripts/install-deps.sh $(APT_PKGS)
@@ -41,7 +41,16 @@ chaos: deps
 	$(CARGO) build --release --locked --workspace --bins --features musicfs-node/failpoints
 	$(BIN)/chaos-tests short $(CHAOS_ARGS)
 
-test: lint unit chaos pjdfstest
+# The deployment: a locally built image (no registry) and the compose test.
+image: build
+	deploy/build-image.sh $(BIN)
+
+compose-test: build
+	@if docker info >/dev/null 2>&1 && command -v docker-compose >/dev/null; then \
+	  deploy/compose-test.sh $(BIN); \
+	else echo "compose test skipped: no Docker engine or docker-compose here"; fi
+
+test: lint unit chaos pjdfstest compose-test
 
 bench: build
 	benches/fs-bench.sh

@@ -160,6 +160,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Short { seed, secs } => {
             let seed = seed.unwrap_or_else(default_seed);
+            let start = Instant::now();
             eprintln!("short set, seed {seed}");
             let mut failed = Vec::new();
             let mut reports = Vec::new();
@@ -182,11 +183,16 @@ async fn main() -> Result<()> {
                 serde_json::to_vec_pretty(&reports)?,
             )?;
             if !failed.is_empty() {
-                bail!("short set failed: {}", failed.join(", "));
+                bail!(
+                    "short set failed after {:.0} s: {}",
+                    start.elapsed().as_secs_f64(),
+                    failed.join(", ")
+                );
             }
             println!(
-                "short set passed ({} scenarios, seed {seed})",
-                reports.len()
+                "short set passed ({} scenarios, seed {seed}) in {:.0} s",
+                reports.len(),
+                start.elapsed().as_secs_f64()
             );
             Ok(())
         }

@@ -109,6 +109,8 @@ pub struct Report {
     /// Whether the run proved what it set out to: no violation on a sound
     /// build, a violation found on a broken one.
     pub passed: bool,
+    /// Wall time of the whole run, set-up and checks included.
+    pub elapsed_ms: u64,
 }
 
 fn client_config(
@@ -394,6 +396,7 @@ async fn quiescent(addrs: &[String]) -> bool {
 }
 
 pub async fn run(opts: &Options) -> Result<Report> {
+    let began = Instant::now();
     let sc = opts.scenario;
     let dir = opts.out.join(format!("{}-{}", sc.name, opts.seed));
     if dir.exists() {
@@ -672,6 +675,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         errors,
         violation,
         passed,
+        elapsed_ms: began.elapsed().as_millis() as u64,
     };
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
     std::fs::write(dir.join("history.json"), serde_json::to_vec(&records)?)?;
@@ -756,11 +760,12 @@ pub fn summary(r: &Report) -> String {
     use std::fmt::Write;
     let _ = writeln!(
         s,
-        "{} {} (seed {}, {} s of faults{})",
+        "{} {} (seed {}, {} s of faults, {:.0} s in all{})",
         if r.passed { "PASS" } else { "FAIL" },
         r.scenario,
         r.seed,
         r.secs,
+        r.elapsed_ms as f64 / 1000.0,
         r.broken_build
             .as_ref()
             .map(|b| format!(", broken build: {b}"))

@@ -204,11 +204,14 @@ impl<'a, G: Groups> Tx<'a, G> {
         }
         match state {
             TxnState::TxnCommitted => Ok(result),
-            TxnState::TxnDuplicate => {
-                let mut r = d;
-                r.txn_state = 0;
-                Ok(r)
-            }
+            TxnState::TxnDuplicate => match d.reply {
+                Some(r) => Ok(*r),
+                None => {
+                    let mut r = d;
+                    r.txn_state = 0;
+                    Ok(r)
+                }
+            },
             _ => Err(err(
                 ErrorCode::Busy,
                 "the operation was aborted by recovery; retry",

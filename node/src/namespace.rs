@@ -431,6 +431,17 @@ fn kind_of(a: &Attr) -> FileKind {
     FileKind::try_from(a.kind).unwrap_or(FileKind::Unspecified)
 }
 
+/// The reply to a copy of a request the client already has the answer to.
+fn already_answered(seq: u64) -> CommandResult {
+    CommandResult {
+        error: Some(WireError::new(
+            ErrorCode::Stale,
+            format!("request {seq} was already answered"),
+        )),
+        ..Default::default()
+    }
+}
+
 fn name_str(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
@@ -578,6 +589,12 @@ impl Namespace {
             if let Some(b) = kv.get(&key)? {
                 return Ok((BTreeMap::new(), decode(&key, &b)?));
             }
+            // Its result was forgotten because the client has its answer: a
+            // copy arriving late (a delayed attempt, a stalled coordinator)
+            // must not apply a second time.
+            if cmd.request_seq < self.answered_below(kv, cmd.client_id)? {
+                return Ok((BTreeMap::new(), already_answered(cmd.request_seq)));
+            }
         }
         let mut txn = Txn::new(kv);
         let mut transient = false;
@@ -605,6 +622,20 @@ impl Namespace {
             )?;
         }
         Ok((txn.into_writes(), result))
+    }
+
+    /// The client's low-water mark in this group: every request below it
+    /// was answered and the client has said so (its results are dropped).
+    pub(crate) fn answered_below<R: KvRead + ?Sized>(
+        &self,
+        kv: &R,
+        client: u64,
+    ) -> Result<u64, KvError> {
+        Ok(kv
+            .get(&keys::request_prefix(self.group, client))?
+            .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()))
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
     }
 
     /// Records `result` as the reply to the client's request `seq`, and

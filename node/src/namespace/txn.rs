@@ -413,7 +413,13 @@ impl Namespace {
             op.commit && secs_between(&op.started_at.unwrap_or_default(), &now) <= TXN_WINDOW_SECS;
         let mut out = CommandResult::default();
         let dedup = op.client_id != 0 && op.request_seq != 0;
-        if commit && dedup {
+        if commit && dedup && op.request_seq < self.answered_below(txn, op.client_id)? {
+            // The client has its answer from another run of this request
+            // and has moved on (its result is forgotten): a run stalled
+            // until now must not apply the request a second time.
+            commit = false;
+            out = duplicate(super::already_answered(op.request_seq));
+        } else if commit && dedup {
             let rkey = keys::request(self.group, op.client_id, op.request_seq);
             if let Some(b) = txn.get(&rkey)? {
                 let earlier: CommandResult = decode(&rkey, &b)?;
@@ -424,8 +430,7 @@ impl Namespace {
                 let unfinished = earlier.results.iter().any(super::crossed);
                 if !unfinished {
                     commit = false;
-                    out = earlier;
-                    out.txn_state = TxnState::TxnDuplicate as i32;
+                    out = duplicate(earlier);
                 }
             }
         }
@@ -713,6 +718,23 @@ impl Namespace {
             .map(|(target, batches)| OutboxInfo { target, batches })
             .collect())
     }
+}
+
+/// A decide's answer for a request that already has `reply`: a success
+/// travels as the answer itself, an error inside it (an answer with an
+/// error would read as a failed decide, and the intents would wait for
+/// recovery).
+fn duplicate(reply: CommandResult) -> CommandResult {
+    let mut out = if reply.error.is_none() {
+        reply
+    } else {
+        CommandResult {
+            reply: Some(Box::new(reply)),
+            ..Default::default()
+        }
+    };
+    out.txn_state = TxnState::TxnDuplicate as i32;
+    out
 }
 
 fn decided(commit: bool) -> CommandResult {
