@@ -339,6 +339,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unfinished_write_may_take_effect_long_after_its_call() {
+        let mut h = vec![ev(0, 0, None, Op::Write(99), None)];
+        for i in 1..200u64 {
+            h.push(ev(
+                h.len(),
+                10 * i + 1,
+                Some(10 * i + 2),
+                Op::Write(i),
+                None,
+            ));
+            h.push(ev(h.len(), 10 * i + 3, Some(10 * i + 4), Op::Read, Some(i)));
+        }
+        h.push(ev(h.len(), 5000, Some(5001), Op::Read, Some(99)));
+        assert_eq!(run(&h), Verdict::Linearizable);
+    }
+
+    #[test]
     fn a_value_never_written_is_caught() {
         let h = vec![
             ev(0, 0, Some(2), Op::Write(1), None),

@@ -55,6 +55,8 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         secs: u64,
     },
+    /// Checks a recorded history again (a run's history.json).
+    Check { history: PathBuf },
     /// Runs the short set (what CI runs): every scenario marked short.
     Short {
         #[arg(long)]
@@ -120,7 +122,7 @@ async fn main() -> Result<()> {
             .context("binary directory")?
             .to_path_buf(),
     };
-    if !matches!(args.cmd, Cmd::List) {
+    if !matches!(args.cmd, Cmd::List | Cmd::Check { .. }) {
         for b in ["musicfs-node", "musicfs"] {
             if !bin.join(b).exists() {
                 bail!(
@@ -140,6 +142,26 @@ async fn main() -> Result<()> {
                     if s.short { "[short] " } else { "" },
                     s.about
                 );
+            }
+            Ok(())
+        }
+        Cmd::Check { history } => {
+            let records: Vec<workload::Record> = serde_json::from_slice(
+                &std::fs::read(history).with_context(|| format!("read {}", history.display()))?,
+            )?;
+            let mut ok = true;
+            for c in run::check_history(&records, &workload::Shape::default()) {
+                ok &= c.ok;
+                println!(
+                    "{}: {} over {} operations{}",
+                    c.partition,
+                    c.verdict,
+                    c.operations,
+                    c.detail.map(|d| format!(": {d}")).unwrap_or_default()
+                );
+            }
+            if !ok {
+                bail!("the history is not linearizable");
             }
             Ok(())
         }

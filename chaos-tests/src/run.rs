@@ -169,19 +169,18 @@ impl Faults {
         clients: usize,
         fuse_host: Option<usize>,
     ) -> Result<Vec<usize>> {
-        let all_clients = |c: &Cluster| -> Vec<Peer> {
-            let mut v: Vec<Peer> = (0..clients).map(Peer::Client).collect();
-            v.extend(fuse_host.map(Peer::Host));
-            let _ = c;
-            v
-        };
+        // Every client: the in-process ones and the FUSE client's host.
+        let all_clients: Vec<Peer> = (0..clients)
+            .map(Peer::Client)
+            .chain(fuse_host.map(Peer::Host))
+            .collect();
         let nodes = match f {
             Fault::Isolate { who } => {
                 let n = self.resolve(c, *who, data_group).await?;
                 for o in (0..NODES).filter(|&o| o != n) {
                     c.net.cut(Peer::Host(n), Peer::Host(o))?;
                 }
-                for p in all_clients(c) {
+                for &p in &all_clients {
                     c.net.cut(Peer::Host(n), p)?;
                 }
                 vec![n]
@@ -528,7 +527,6 @@ pub async fn run(opts: &Options) -> Result<Report> {
     // Heal and wait for the cluster to serve everything again.
     heal_all(&mut c, &mut faults).await?;
     let healed = Instant::now();
-    let healed_ns = history.now();
     let prober = connect(client_config(c.seeds(), None, Duration::from_secs(5))).await?;
     let mut recovery_ms = None;
     while healed.elapsed() < RECOVERY_BOUND {
@@ -640,7 +638,6 @@ pub async fn run(opts: &Options) -> Result<Report> {
         }
     }
     counts.by_client = by_client;
-    let _ = healed_ns;
     let checks = check_history(&records, &shape);
     let violation = checks.iter().any(|c| !c.ok) || !corrupt.is_empty();
     let sound = !violation
@@ -723,7 +720,10 @@ pub fn check_history(records: &[Record], shape: &Shape) -> Vec<CheckResult> {
                 false,
             ),
             Verdict::Violation { stuck_at, ordered } => {
-                let r = &records[stuck_at];
+                let r = records
+                    .iter()
+                    .find(|r| r.id == stuck_at)
+                    .unwrap_or(&records[0]);
                 (
                     "violation".to_string(),
                     Some(format!(

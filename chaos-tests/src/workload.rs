@@ -62,7 +62,7 @@ pub fn file_name(f: u8) -> String {
 }
 
 /// One operation of the history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Record {
     pub id: usize,
     pub client: String,
@@ -74,10 +74,10 @@ pub struct Record {
     pub input: Input,
     pub output: Option<Output>,
     /// Why the outcome is unknown, or why a read failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// A read that failed: it changed nothing and is not checked.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub failed: bool,
 }
 
