@@ -129,6 +129,8 @@ async fn connect(cfg: ClusterConfig) -> Result<Arc<Fs>> {
     let c = Client::connect(cfg)
         .await
         .context("connect to the cluster")?;
+    // Histories say which node answered each call.
+    c.trace_answers();
     Ok(Fs::new(c, 8 << 20))
 }
 
@@ -727,13 +729,14 @@ pub fn check_history(records: &[Record], shape: &Shape) -> Vec<CheckResult> {
                 (
                     "violation".to_string(),
                     Some(format!(
-                        "no order of the operations explains op {} ({:?} by {} -> {:?}, called at {:.3}s, returned at {:.3}s) after {ordered} were ordered",
+                        "no order of the operations explains op {} ({:?} by {} -> {:?}, called at {:.3}s, returned at {:.3}s, answered by (group, node) {:?}) after {ordered} were ordered",
                         r.id,
                         r.input,
                         r.client,
                         r.output,
                         r.call as f64 / 1e9,
-                        r.ret.unwrap_or(0) as f64 / 1e9
+                        r.ret.unwrap_or(0) as f64 / 1e9,
+                        r.answers
                     )),
                     false,
                 )

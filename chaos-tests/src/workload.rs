@@ -79,6 +79,10 @@ pub struct Record {
     /// A read that failed: it changed nothing and is not checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub failed: bool,
+    /// Which node answered each metadata call of the operation, as
+    /// (group, node) (client-core clients only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<(u32, u64)>,
 }
 
 /// The shared history and the run's clock.
@@ -99,7 +103,14 @@ impl History {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn push(&self, client: &str, call: u64, input: Input, outcome: Outcome) {
+    fn push(
+        &self,
+        client: &str,
+        call: u64,
+        input: Input,
+        outcome: Outcome,
+        answers: Vec<(u32, u64)>,
+    ) {
         let ret = self.now();
         let mut v = self.records.lock().unwrap_or_else(|e| e.into_inner());
         let id = v.len();
@@ -117,6 +128,7 @@ impl History {
             output,
             error,
             failed,
+            answers,
         });
     }
 
@@ -503,16 +515,20 @@ pub async fn client_loop(
     while !stop.load(Ordering::Relaxed) {
         let input = pick(&mut rng, &shape, dirs.clone(), reads_only, &mut tag);
         let call = history.now();
-        let outcome = match &via {
-            Via::Core(fs, tree) => exec_core(fs, tree, &shape, &input).await,
+        let (outcome, answers) = match &via {
+            Via::Core(fs, tree) => {
+                let o = exec_core(fs, tree, &shape, &input).await;
+                (o, fs.cluster().take_answers())
+            }
             Via::Fuse(root) => {
                 let (root, i) = (root.clone(), input.clone());
-                tokio::task::spawn_blocking(move || exec_fuse(&root, &shape, &i))
+                let o = tokio::task::spawn_blocking(move || exec_fuse(&root, &shape, &i))
                     .await
-                    .unwrap_or_else(|e| Outcome::Unknown(format!("worker panicked: {e}")))
+                    .unwrap_or_else(|e| Outcome::Unknown(format!("worker panicked: {e}")));
+                (o, Vec::new())
             }
         };
-        history.push(&name, call, input, outcome);
+        history.push(&name, call, input, outcome, answers);
         count += 1;
         // A little think time keeps the two cores from saturating, so
         // timings stay those of the faults, not of the machine.
@@ -539,7 +555,8 @@ pub async fn final_reads(
         if let Outcome::Failed(e) = &outcome {
             failures.insert(format!("{input:?}"), e.clone());
         }
-        history.push("final", call, input, outcome);
+        let answers = fs.cluster().take_answers();
+        history.push("final", call, input, outcome, answers);
     }
     if !failures.is_empty() {
         anyhow::bail!("final reads failed after the cluster healed: {failures:?}");

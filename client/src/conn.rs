@@ -75,7 +75,7 @@ pub struct Cluster {
     /// Identifies this client's commands for retry deduplication.
     client_id: u64,
     next_seq: std::sync::atomic::AtomicU64,
-    in_flight: Mutex<std::collections::BTreeSet<u64>>,
+    in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     peers: RwLock<BTreeMap<u64, String>>,
     group_count: RwLock<u32>,
     leaders: RwLock<HashMap<u32, u64>>,
@@ -85,6 +85,9 @@ pub struct Cluster {
     suspects: Mutex<HashMap<u64, Instant>>,
     /// Storage nodes (group 0's record) and the cluster's replication factor.
     storage: RwLock<Storage>,
+    /// When on, every metadata answer as (group, node), for tools that
+    /// must say which node said what (the chaos tests' histories).
+    answers: Mutex<Option<Vec<(u32, u64)>>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -115,6 +118,23 @@ const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// How long a failed storage node stays suspect without a new failure.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
+/// A request id in flight; dropping it lets the cluster forget the reply
+/// of the command sent under it (see [`Cluster::request_id`]).
+#[derive(Debug)]
+pub struct RequestId {
+    seq: u64,
+    in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+}
+
+impl Drop for RequestId {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.seq);
+    }
+}
+
 impl Cluster {
     /// Connects to whichever seed answers first and learns the members.
     pub async fn connect(cfg: ClusterConfig) -> Result<Arc<Self>> {
@@ -122,13 +142,14 @@ impl Cluster {
             cfg,
             client_id: rand::random::<u64>().max(1),
             next_seq: std::sync::atomic::AtomicU64::new(1),
-            in_flight: Mutex::new(std::collections::BTreeSet::new()),
+            in_flight: Arc::new(Mutex::new(std::collections::BTreeSet::new())),
             peers: RwLock::new(BTreeMap::new()),
             group_count: RwLock::new(1),
             leaders: RwLock::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             storage: RwLock::new(Storage::default()),
+            answers: Mutex::new(None),
         });
         cluster.refresh().await?;
         // Keep up with nodes added, drained and removed; stops when the
@@ -146,6 +167,21 @@ impl Cluster {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.cfg
+    }
+
+    /// Starts recording which node answered each metadata call.
+    pub fn trace_answers(&self) {
+        *self.answers.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// The (group, node) answers recorded since the last call.
+    pub fn take_answers(&self) -> Vec<(u32, u64)> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Re-reads membership from any reachable node.
@@ -382,6 +418,14 @@ impl Cluster {
                         // every later call would start with whichever node
                         // comes first (dead, perhaps) and back off.
                         self.remember_leader(group, node);
+                        if let Some(v) = self
+                            .answers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_mut()
+                        {
+                            v.push((group, node));
+                        }
                         return Ok(r);
                     }
                     Some(e) if e.code() == ErrorCode::NotLeader => {
@@ -431,36 +475,65 @@ impl Cluster {
     /// Replicates a command through the group's Raft log. Retries carry the
     /// same request id, so a command applies once even if a reply is lost.
     pub async fn propose(&self, group: u32, op: proto::meta::command::Op) -> Result<CommandResult> {
+        let id = self.request_id();
+        self.propose_as(&id, group, op).await
+    }
+
+    /// A request id for a command that may have to be sent again after
+    /// its call failed without a definite answer (a layout commit the
+    /// client retries later). While the id lives, the cluster keeps the
+    /// command's reply, so sending the same command under it again
+    /// returns that reply instead of applying the command twice.
+    pub fn request_id(&self) -> RequestId {
         let seq = self
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let acked_below = {
-            let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            f.insert(seq);
-            f.first().copied().unwrap_or(seq)
-        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq);
+        RequestId {
+            seq,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// Replicates `op` under the request id `id` (see [`Self::request_id`]).
+    pub async fn propose_as(
+        &self,
+        id: &RequestId,
+        group: u32,
+        op: proto::meta::command::Op,
+    ) -> Result<CommandResult> {
+        // The cluster forgets replies below the oldest id still in flight.
+        let acked_below = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied()
+            .unwrap_or(id.seq);
         let req = ProposeRequest {
             group_id: group,
             command: Some(Command {
                 version: FORMAT_VERSION,
                 now: Some(Timespec::now()),
                 client_id: self.client_id,
-                request_seq: seq,
+                request_seq: id.seq,
                 acked_below,
                 op: Some(op),
             }),
         };
-        let res = self
-            .with_leader(group, "propose", |mut c| {
-                let req = req.clone();
-                async move { c.propose(req).await.map(|r| r.into_inner()) }
-            })
-            .await;
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&seq);
-        res
+        self.with_leader(group, "propose", |mut c| {
+            let req = req.clone();
+            async move { c.propose(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// This client's id in the cluster's request table.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
     }
 
     /// A linearizable read from the group's leader.

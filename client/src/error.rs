@@ -33,6 +33,19 @@ impl ClientError {
         }
     }
 
+    /// Whether the operation may have taken effect despite the error: the
+    /// cluster gave no definite answer (a lost reply, a deadline passed).
+    pub fn is_indefinite(&self) -> bool {
+        match self {
+            ClientError::Server(e) => matches!(
+                e.code(),
+                ErrorCode::Ok | ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::NotLeader
+            ),
+            ClientError::Unavailable(_) | ClientError::Connect(_) => true,
+            _ => false,
+        }
+    }
+
     /// The errno a file-system call reports for this error. Transient errors
     /// are EIO (never ENOENT): a file must not look deleted because a node is
     /// slow.

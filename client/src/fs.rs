@@ -22,7 +22,7 @@ use proto::meta::{
 use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::conn::Cluster;
+use crate::conn::{Cluster, RequestId};
 use crate::error::{ClientError, Result};
 use crate::layout::{self, ChunkCache, DirtyRuns};
 
@@ -104,9 +104,20 @@ struct FileState {
     last_read_end: u64,
     /// Bumped by every change to the extents, buffer or size.
     version: u64,
+    /// A layout commit that failed without a definite answer, and the
+    /// request id it went under: sent again unchanged, it goes under the
+    /// same id, so if the first attempt did apply it does not apply again
+    /// (over what other clients wrote since).
+    unresolved: Option<(RequestId, CommitLayoutOp)>,
 }
 
 impl FileState {
+    /// Whether `other`, just loaded, is the committed version this state
+    /// holds, with no local changes on top.
+    fn same_version(&self, other: &FileState) -> bool {
+        !self.modified && self.size == other.size && self.extents == other.extents
+    }
+
     /// The state of a file whose committed layout is `extents`.
     fn new(attr: Attr, extents: Vec<Extent>, locations: HashMap<ChunkId, Vec<u64>>) -> Self {
         FileState {
@@ -125,6 +136,7 @@ impl FileState {
             opens: 0,
             last_read_end: 0,
             version: 0,
+            unresolved: None,
         }
     }
 }
@@ -545,22 +557,35 @@ impl Fs {
     async fn open_with(&self, ino: u64, created: Option<Attr>) -> Result<u64> {
         let existing = lock(&self.files).get(&ino).cloned();
         let state = match existing {
-            Some(st) => {
+            Some(st) if created.is_some() || self.still_current(&st).await? => {
                 st.lock().await.opens += 1;
                 st
             }
-            None => {
+            _ => {
                 let st = match created {
                     Some(attr) => FileState::new(attr, Vec::new(), HashMap::new()),
                     None => self.load(ino).await?,
                 };
                 let arc = {
                     let mut files = lock(&self.files);
-                    // Another open may have raced us; share its state.
-                    files
-                        .entry(ino)
-                        .or_insert_with(|| Arc::new(AsyncMutex::new(st)))
-                        .clone()
+                    match files.get(&ino) {
+                        // Another open raced us (to the same version, or
+                        // with writes of this client on top): share it.
+                        Some(other)
+                            if other
+                                .try_lock()
+                                .map_or(true, |o| o.modified || o.same_version(&st)) =>
+                        {
+                            other.clone()
+                        }
+                        // Handles open on an older version keep it; opens
+                        // from now on share this one.
+                        _ => {
+                            let arc = Arc::new(AsyncMutex::new(st));
+                            files.insert(ino, arc.clone());
+                            arc
+                        }
+                    }
                 };
                 arc.lock().await.opens += 1;
                 arc
@@ -569,6 +594,27 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, state);
         Ok(fh)
+    }
+
+    /// Whether an open may share `st`, the state of handles already open
+    /// on the file: it holds this client's own uncommitted writes, or it
+    /// is still the committed version (close-to-open: an open sees every
+    /// close that came before it, also while older handles stay open).
+    async fn still_current(&self, st: &Arc<AsyncMutex<FileState>>) -> Result<bool> {
+        let ino = {
+            let g = st.lock().await;
+            if g.modified {
+                return Ok(true);
+            }
+            g.ino
+        };
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::GetLayout(GetLayoutQuery { ino }))
+            .await?;
+        let attr = Self::attr_of(r.attr)?;
+        let g = st.lock().await;
+        Ok(g.modified || (g.size == attr.size && g.extents == r.extents))
     }
 
     async fn load(&self, ino: u64) -> Result<FileState> {
@@ -909,11 +955,22 @@ impl Fs {
                 kill_suid: false,
                 checked_at_ms: st.checked_at_ms,
             };
-            match self
+            // The same commit as one that failed without an answer goes
+            // under that one's id; any other is a new request.
+            let id = match st.unresolved.take() {
+                Some((id, sent)) if sent == op => id,
+                _ => self.cluster.request_id(),
+            };
+            let res = self
                 .cluster
-                .propose(group_of_ino(st.ino), Op::CommitLayout(op))
-                .await
-            {
+                .propose_as(&id, group_of_ino(st.ino), Op::CommitLayout(op.clone()))
+                .await;
+            if let Err(e) = &res {
+                if e.is_indefinite() {
+                    st.unresolved = Some((id, op));
+                }
+            }
+            match res {
                 Ok(_) => break,
                 // The file was deleted meanwhile: its content is gone with it.
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => {

@@ -169,8 +169,9 @@ async fn content_truncated_away_and_written_again_commits() {
     assert_eq!(fs.read_file("/again.flac").await.expect("read"), data);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_to_open_between_two_clients() {
+/// A cluster, a writer and a reader client, and the inode of
+/// `/song.flac`, written as "version one".
+async fn writer_and_reader() -> (TestCluster, Arc<Fs>, Arc<Fs>, u64) {
     let c = TestCluster::start(3, &[]).await;
     c.init().await;
     let (w, r) = (client(&c).await, client(&c).await);
@@ -178,6 +179,12 @@ async fn close_to_open_between_two_clients() {
         .await
         .expect("write v1");
     let ino = r.resolve("/song.flac").await.expect("resolve").ino;
+    (c, w, r, ino)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_to_open_between_two_clients() {
+    let (_c, w, r, ino) = writer_and_reader().await;
 
     // A reader that opened before the writer's close keeps its version...
     let old = r.open(ino).await.expect("open old");
@@ -229,4 +236,96 @@ async fn the_node_that_answers_is_remembered_as_leader() {
             "call {i}: the client remembers the leader that answered"
         );
     }
+}
+
+/// Close-to-open holds for every open, also while the same client keeps
+/// an older handle on the file open: the new open sees the new version,
+/// the older handle keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_sees_earlier_closes_while_older_handles_stay_open() {
+    let (_c, w, r, ino) = writer_and_reader().await;
+    let old = r.open(ino).await.expect("open v1");
+    w.write_file("/song.flac", b"VERSION TWO, longer", 0o644)
+        .await
+        .expect("write v2");
+
+    let new = r.open(ino).await.expect("open v2");
+    assert_eq!(
+        &r.read(new, 0, 100).await.expect("read new")[..],
+        b"VERSION TWO, longer",
+        "an open after the writer's close sees its version"
+    );
+    assert_eq!(
+        &r.read(old, 0, 100).await.expect("read old")[..],
+        b"version one",
+        "the handle opened before keeps its version"
+    );
+    let again = r.open(ino).await.expect("open v2 again");
+    assert_eq!(
+        &r.read(again, 0, 100).await.expect("read again")[..],
+        b"VERSION TWO, longer"
+    );
+    for fh in [old, new, again] {
+        r.release(fh).await.expect("release");
+    }
+    assert_eq!(r.open_handles(), 0);
+}
+
+/// A layout commit whose replies were all lost (its retries ran out, the
+/// application saw EIO) is sent again at close under the same request id:
+/// it applied once already, so it does not apply again over what another
+/// client wrote meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_sent_again_after_lost_replies_applies_once() {
+    let mut c = TestCluster::start(1, &[]).await;
+    c.init_groups(1).await;
+    let a = c.client(Duration::from_secs(2)).await;
+    let b = client(&c).await;
+    a.write_file("/song.flac", b"version one", 0o644)
+        .await
+        .expect("write v1");
+    let ino = a.resolve("/song.flac").await.expect("resolve").ino;
+
+    // The node applies A's commands and drops every answer to them.
+    c.kill(0);
+    c.nodes[0].env = vec![(
+        "FAILPOINTS".into(),
+        format!("reply-lost=return({})", a.cluster().client_id()),
+    )];
+    c.spawn(0);
+    c.wait_up(0).await;
+    let fh = a.open(ino).await.expect("open");
+    a.write(fh, 0, b"version two, from A")
+        .await
+        .expect("buffered write");
+    let e = a.flush(fh).await.expect_err("A hears no answer");
+    assert!(e.is_indefinite(), "a lost answer is no definite error: {e}");
+    assert_eq!(
+        b.read_file("/song.flac").await.expect("read A's"),
+        b"version two, from A",
+        "the commit did apply"
+    );
+    b.write_file("/song.flac", b"version three, from B", 0o644)
+        .await
+        .expect("B overwrites");
+
+    // Answers flow again; A's close sends its unanswered commit again.
+    c.kill(0);
+    c.nodes[0].env.clear();
+    c.spawn(0);
+    c.wait_up(0).await;
+    assert_eq!(
+        b.read_file("/song.flac").await.expect("read after restart"),
+        b"version three, from B"
+    );
+    a.release(fh)
+        .await
+        .expect("the commit sent again gets the first attempt's answer");
+    assert_eq!(
+        b.read_file("/song.flac")
+            .await
+            .expect("read after A's close"),
+        b"version three, from B",
+        "A's commit did not apply a second time"
+    );
 }

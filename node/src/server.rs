@@ -164,10 +164,13 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
     Ok(DirLock(f))
 }
 
+/// How long a stopping node waits for requests in flight.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
     cfg: NodeConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     if cfg.id == 0 {
         return Err(NodeError::BadId);
@@ -279,7 +282,19 @@ pub async fn run(
         gc,
     };
     tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
-    tonic::transport::Server::builder()
+    use futures::FutureExt;
+    let shutdown = shutdown.boxed().shared();
+    // Requests still waiting (a proposal behind a partition, a read behind
+    // an election) get a grace period, not an unbounded wait: their clients
+    // retry elsewhere.
+    let grace = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .add_service(
@@ -302,8 +317,14 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AdminServiceServer::new(admin))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        r = server => r?,
+        () = grace => tracing::warn!(
+            id = cfg.id,
+            "requests still in flight after {SHUTDOWN_GRACE:?}; stopping without them"
+        ),
+    }
     background.abort();
     repair_task.abort();
     scrub_task.abort();

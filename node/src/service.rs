@@ -178,7 +178,19 @@ impl MetaService for MetaSvc {
                 ..Default::default()
             }));
         }
-        Ok(Response::new(self.propose_command(req.group_id, cmd).await))
+        #[cfg(feature = "failpoints")]
+        let client = cmd.client_id;
+        let r = self.propose_command(req.group_id, cmd).await;
+        // Tests of retries after a lost reply: `reply-lost=return(CLIENT)`
+        // applies CLIENT's commands and drops the answers.
+        fail::fail_point!("reply-lost", |arg: Option<String>| {
+            if arg.is_some_and(|a| a == client.to_string()) {
+                Err(Status::unavailable("failpoint reply-lost"))
+            } else {
+                Ok(Response::new(r.clone()))
+            }
+        });
+        Ok(Response::new(r))
     }
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResult>, Status> {
