@@ -542,30 +542,8 @@ pub fn print_status(v: &ClusterView) {
             opt(n.disk_free_bytes, human),
         );
     }
-    let r = &v.repair;
     println!();
-    print!(
-        "repair: {} under-replicated, full pass {}/{} records, {} copies ({}) done, {}/s",
-        r.under_replicated,
-        r.scanned,
-        r.total,
-        r.copied_chunks,
-        human(r.copied_bytes),
-        human(r.bytes_per_sec)
-    );
-    if r.eta_secs > 0 {
-        print!(", ETA {}s", r.eta_secs);
-    }
-    println!();
-    if r.waiting_for_nodes > 0 {
-        println!(
-            "  {} chunk(s) wait for a usable node to copy to (fewer usable nodes than the replication factor)",
-            r.waiting_for_nodes
-        );
-    }
-    for e in &r.errors {
-        println!("  last error: {e}");
-    }
+    print_repair(&v.repair);
     println!();
     println!(
         "BACKGROUND WORK\n{:>4}  {:<7} {:<18} {:>22} {:>11} {:>11} {:>8} {:>10}",
@@ -601,6 +579,37 @@ pub fn print_status(v: &ClusterView) {
         }
     }
     println!();
+    print_groups(&v.groups);
+}
+
+/// The repair summary line and its notes.
+pub fn print_repair(r: &RepairView) {
+    print!(
+        "repair: {} under-replicated, full pass {}/{} records, {} copies ({}) done, {}/s",
+        r.under_replicated,
+        r.scanned,
+        r.total,
+        r.copied_chunks,
+        human(r.copied_bytes),
+        human(r.bytes_per_sec)
+    );
+    if r.eta_secs > 0 {
+        print!(", ETA {}s", r.eta_secs);
+    }
+    println!();
+    if r.waiting_for_nodes > 0 {
+        println!(
+            "  {} chunk(s) wait for a usable node to copy to (fewer usable nodes than the replication factor)",
+            r.waiting_for_nodes
+        );
+    }
+    for e in &r.errors {
+        println!("  last error: {e}");
+    }
+}
+
+/// One line per Raft group.
+pub fn print_groups(groups: &[GroupView]) {
     println!(
         "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
         "GROUP",
@@ -615,7 +624,7 @@ pub fn print_status(v: &ClusterView) {
         "INTENTS",
         "QUEUED"
     );
-    for g in &v.groups {
+    for g in groups {
         let members: Vec<String> = g.members.iter().map(u64::to_string).collect();
         println!(
             "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
@@ -725,6 +734,128 @@ pub async fn gc(seeds: &[String], dry_run: bool) -> Result<proto::admin::GcStatu
     }
     total.last_error = errors.join("; ");
     Ok(total)
+}
+
+/// Hands the leadership of `group` to node `to` and waits until `to`
+/// reports itself leader (at most 10 s); `to` keeps it against automatic
+/// balancing for ten minutes. Also when `to` already leads.
+pub async fn transfer_leader(seeds: &[String], group: u32, to: u64) -> Result<()> {
+    let view = cluster_status(seeds).await?;
+    let g = view.groups.iter().find(|g| g.id == group).ok_or_else(|| {
+        ClientError::Invalid(format!(
+            "there is no group {group} (groups 0 to {})",
+            view.groups.len().saturating_sub(1)
+        ))
+    })?;
+    if !g.members.contains(&to) {
+        return Err(ClientError::Invalid(format!(
+            "node {to} is not a voter of group {group} (voters: {:?})",
+            g.members
+        )));
+    }
+    if g.leader.is_none() {
+        return Err(ClientError::Unavailable(format!(
+            "group {group} has no leader now (an election is under way, or a majority is down); try again"
+        )));
+    }
+    let addr_of = |id: u64| {
+        view.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.address.clone())
+            .ok_or_else(|| ClientError::Invalid(format!("node {id} is not a metadata node")))
+    };
+    let to_addr = addr_of(to)?;
+    // The target asks the leader itself, holding the leadership it gets
+    // against automatic balancing for a while.
+    let r = admin(&to_addr)
+        .await?
+        .transfer_leader(proto::admin::TransferLeaderRequest {
+            group_id: group,
+            to_node: to,
+        })
+        .await
+        .map_err(|s| ClientError::Unavailable(format!("{to_addr}: {}", s.message())))?
+        .into_inner();
+    if let Some(e) = r.error {
+        return Err(ClientError::Server(e));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(st) = node_status(&to_addr).await {
+            if st
+                .groups
+                .iter()
+                .any(|g| g.group_id == group && g.state == "leader")
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ClientError::Unavailable(format!(
+                "node {to} has not taken over group {group} within 10 s; `musicfs group list` shows who leads"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks every metadata node to snapshot each of its groups (and so
+/// compact their logs); returns, per node, None or why it failed.
+pub async fn snapshot_all(seeds: &[String]) -> Result<Vec<(u64, String, Option<String>)>> {
+    let view = cluster_status(seeds).await?;
+    let mut out = Vec::new();
+    for n in &view.nodes {
+        let r = async {
+            let r = admin(&n.address)
+                .await?
+                .trigger_snapshot(proto::admin::SnapshotRequest {})
+                .await
+                .map_err(|s| ClientError::Unavailable(s.message().to_string()))?
+                .into_inner();
+            match r.error {
+                Some(e) => Err(ClientError::Server(e)),
+                None => Ok(()),
+            }
+        }
+        .await;
+        out.push((n.id, n.address.clone(), r.err().map(|e| e.to_string())));
+    }
+    Ok(out)
+}
+
+/// Capacity and use of one node's data disk.
+#[derive(Serialize, Debug)]
+pub struct DfView {
+    pub node: u64,
+    pub address: String,
+    /// None when the node did not answer.
+    pub error: Option<String>,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+}
+
+/// Disk capacity and use of every node (metadata and storage).
+pub async fn df(seeds: &[String]) -> Result<Vec<DfView>> {
+    let mut out = Vec::new();
+    for (id, addr) in all_nodes(seeds).await? {
+        let (error, st) = match node_status(&addr).await {
+            Ok(st) => (None, st),
+            Err(e) => (Some(e.to_string()), StatusResponse::default()),
+        };
+        out.push(DfView {
+            node: id,
+            address: addr,
+            error,
+            disk_total_bytes: st.disk_total_bytes,
+            disk_free_bytes: st.disk_free_bytes,
+            chunks: st.chunk_count,
+            chunk_bytes: st.chunk_bytes,
+        });
+    }
+    Ok(out)
 }
 
 /// Every node of the cluster (metadata and storage) by id and address.

@@ -108,6 +108,75 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ScrubCmd,
     },
+    /// Metadata Raft groups: list them, move a leader.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Snapshot every Raft group on every metadata node now, which
+    /// compacts their logs (each also does so by itself every few
+    /// thousand entries).
+    Snapshot {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+    },
+    /// Disk capacity and use of every node.
+    Df {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copies made after a node was lost, drained or removed.
+    Repair {
+        #[command(subcommand)]
+        cmd: RepairCmd,
+    },
+    /// Copy a file of the cluster to a local file without a mount.
+    Get {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        path: String,
+        local: PathBuf,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish,
+    /// elvish, powershell); e.g. `musicfs completions bash >
+    /// /etc/bash_completion.d/musicfs`.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Every group: leader, term, members, applied index, size.
+    List {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand a group's leadership to another of its voters and wait until
+    /// it has taken over. Automatic balancing (each group led by its
+    /// preferred voter, group number mod voters) leaves it there for ten
+    /// minutes, or until that node restarts.
+    TransferLeader {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        group: u32,
+        /// The node to lead it.
+        to: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepairCmd {
+    /// Chunks short of copies and the progress of repair (exit code 3
+    /// while any chunk is short of copies or a full pass runs).
+    Status {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +327,60 @@ async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
     Ok(())
 }
 
+async fn group_cmd(cmd: GroupCmd) -> Result<()> {
+    match cmd {
+        GroupCmd::List { cluster, json } => {
+            let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v.groups)?);
+            } else {
+                admin::print_groups(&v.groups);
+            }
+            if v.groups.iter().any(|g| g.leader.is_none()) {
+                std::process::exit(2);
+            }
+        }
+        GroupCmd::TransferLeader { cluster, group, to } => {
+            admin::transfer_leader(&parse_seeds(&cluster)?, group, to).await?;
+            println!("node {to} leads group {group}");
+        }
+    }
+    Ok(())
+}
+
+fn print_df(v: &[admin::DfView]) {
+    println!(
+        "{:>4}  {:<22} {:>10} {:>10} {:>10} {:>5} {:>10} {:>9}",
+        "NODE", "ADDRESS", "SIZE", "USED", "FREE", "USE%", "CHUNKS", "IN CHUNKS"
+    );
+    let (mut total, mut free) = (0u64, 0u64);
+    for n in v {
+        if let Some(e) = &n.error {
+            println!("{:>4}  {:<22} does not answer: {e}", n.node, n.address);
+            continue;
+        }
+        let used = n.disk_total_bytes.saturating_sub(n.disk_free_bytes);
+        total += n.disk_total_bytes;
+        free += n.disk_free_bytes;
+        println!(
+            "{:>4}  {:<22} {:>10} {:>10} {:>10} {:>4}% {:>10} {:>9}",
+            n.node,
+            n.address,
+            admin::human(n.disk_total_bytes),
+            admin::human(used),
+            admin::human(n.disk_free_bytes),
+            (used * 100).checked_div(n.disk_total_bytes).unwrap_or(0),
+            n.chunks,
+            admin::human(n.chunk_bytes)
+        );
+    }
+    println!(
+        "total: {} of {} free",
+        admin::human(free),
+        admin::human(total)
+    );
+}
+
 async fn node_cmd(cmd: NodeCmd) -> Result<()> {
     use proto::meta::StorageState;
     match cmd {
@@ -335,6 +458,71 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Node { cmd } => node_cmd(cmd).await?,
+        Cmd::Group { cmd } => group_cmd(cmd).await?,
+        Cmd::Repair {
+            cmd: RepairCmd::Status { cluster, json },
+        } => {
+            let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
+            let r = &v.repair;
+            if json {
+                println!("{}", serde_json::to_string_pretty(r)?);
+            } else {
+                admin::print_repair(r);
+            }
+            if r.under_replicated > 0 || r.scanned < r.total {
+                std::process::exit(3);
+            }
+        }
+        Cmd::Snapshot { cluster } => {
+            let mut failed = false;
+            for (id, addr, err) in admin::snapshot_all(&parse_seeds(&cluster)?).await? {
+                match err {
+                    None => println!("node {id} ({addr}): every group snapshotted"),
+                    Some(e) => {
+                        failed = true;
+                        println!("node {id} ({addr}): FAILED: {e}");
+                    }
+                }
+            }
+            if failed {
+                std::process::exit(2);
+            }
+        }
+        Cmd::Df { cluster, json } => {
+            let v = admin::df(&parse_seeds(&cluster)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_df(&v);
+            }
+            if v.iter().any(|n| n.error.is_some()) {
+                std::process::exit(2);
+            }
+        }
+        Cmd::Get {
+            cluster,
+            path,
+            local,
+        } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let data = fs.read_file(&path).await?;
+            // Written next to the target and renamed, so a failed copy never
+            // leaves a truncated file under the final name.
+            let tmp = local.with_extension("musicfs-partial");
+            std::fs::write(&tmp, &data).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &local)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), local.display()))?;
+            println!("{path} -> {}: {} bytes", local.display(), data.len());
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "musicfs",
+                &mut std::io::stdout(),
+            );
+        }
         Cmd::Scrub { cmd } => scrub_cmd(cmd).await?,
         Cmd::Gc {
             cluster,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wait_for, Gen, TestCluster};
+use common::{scrape, wait_for, Gen, TestCluster};
 use musicfs_client::{admin, parse_seeds, Fs};
 use proto::meta::StorageState;
 use proto::storage::chunk_service_client::ChunkServiceClient;
@@ -357,17 +357,6 @@ fn chunk_path(data: &std::path::Path, id: &ChunkId) -> std::path::PathBuf {
         .join(&hex[0..2])
         .join(&hex[2..4])
         .join(hex)
-}
-
-/// The Prometheus text a node serves.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read metrics");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

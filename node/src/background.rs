@@ -2,6 +2,7 @@
 //! reference batches, finishing cross-shard transactions whose runner
 //! vanished, and spreading group leadership evenly over the nodes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ use crate::router::Router;
 const DELIVER_EVERY: Duration = Duration::from_millis(100);
 /// How often interrupted transactions are looked for.
 const RECOVER_EVERY: Duration = Duration::from_secs(1);
+/// How often each group's Raft state is published as metrics.
+const OBSERVE_EVERY: Duration = Duration::from_millis(500);
 /// Leadership balance is checked every this many recovery ticks.
 const BALANCE_TICKS: u32 = 3;
 /// A preferred node must have answered this recently to receive leadership.
@@ -129,7 +132,7 @@ async fn balance(router: &Router) {
             continue;
         }
         let preferred = voters[g.id as usize % voters.len()];
-        if preferred == me {
+        if preferred == me || router.holds_leadership(g.id) {
             continue;
         }
         // Up to date and answering now: a node that died keeps the match
@@ -170,12 +173,44 @@ pub async fn run(router: Arc<Router>) {
     let mut interval = tokio::time::interval(RECOVER_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let _stop_delivery = AbortOnDrop(deliver);
+    // Sampled on its own, so a slow recovery pass does not stall it.
+    let _stop_observing = AbortOnDrop({
+        let router = router.clone();
+        tokio::spawn(async move {
+            let mut leaders: HashMap<u32, Option<u64>> = HashMap::new();
+            let mut interval = tokio::time::interval(OBSERVE_EVERY);
+            loop {
+                interval.tick().await;
+                observe(&router, &mut leaders);
+            }
+        })
+    });
     loop {
         interval.tick().await;
         tick = tick.wrapping_add(1);
         pass(&router, true).await;
         if tick.is_multiple_of(BALANCE_TICKS) {
             balance(&router).await;
+        }
+    }
+}
+
+/// Publishes each group's Raft state as metrics, counting the leader
+/// changes seen since the last look.
+fn observe(router: &Router, leaders: &mut HashMap<u32, Option<u64>>) {
+    for g in router.registry().groups() {
+        let st = g.status();
+        crate::metrics::raft_group(
+            st.group,
+            st.term,
+            st.last_log_index,
+            st.last_applied,
+            g.is_leader(),
+        );
+        if let Some(before) = leaders.insert(st.group, st.leader) {
+            if before != st.leader && st.leader.is_some() {
+                crate::metrics::raft_leader_change(st.group);
+            }
         }
     }
 }

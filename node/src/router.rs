@@ -122,7 +122,13 @@ pub struct Router {
     /// Rotates over the metadata nodes when this node hosts no replica of
     /// a group (a storage-only node) and no hint names the leader.
     next_peer: std::sync::atomic::AtomicUsize,
+    /// Groups an operator moved here (`musicfs group transfer-leader`):
+    /// balancing leaves their leadership here until the time given.
+    leader_holds: Mutex<HashMap<u32, std::time::Instant>>,
 }
+
+/// How long balancing leaves a leader an operator placed.
+pub const LEADER_HOLD: Duration = Duration::from_secs(600);
 
 /// Node-store keys a storage-only node keeps from `Join`.
 pub const KEY_META_PEERS: &str = "meta_peers";
@@ -139,7 +145,26 @@ impl Router {
             channels: Mutex::new(HashMap::new()),
             deadline,
             next_peer: std::sync::atomic::AtomicUsize::new(0),
+            leader_holds: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Keeps leadership of `group` here, against balancing, for `d`.
+    pub fn hold_leadership(&self, group: u32, d: Duration) {
+        let mut h = self.leader_holds.lock().unwrap_or_else(|e| e.into_inner());
+        h.insert(group, std::time::Instant::now() + d);
+    }
+
+    pub fn release_leadership(&self, group: u32) {
+        let mut h = self.leader_holds.lock().unwrap_or_else(|e| e.into_inner());
+        h.remove(&group);
+    }
+
+    /// Whether an operator placed `group`'s leadership here lately.
+    pub fn holds_leadership(&self, group: u32) -> bool {
+        let mut h = self.leader_holds.lock().unwrap_or_else(|e| e.into_inner());
+        h.retain(|_, until| *until > std::time::Instant::now());
+        h.contains_key(&group)
     }
 
     /// The number of metadata groups: those hosted here, or what `Join`

@@ -295,6 +295,7 @@ pub async fn run(
         }
     };
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcLayer)
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .add_service(

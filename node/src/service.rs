@@ -181,6 +181,9 @@ impl MetaService for MetaSvc {
         #[cfg(feature = "failpoints")]
         let client = cmd.client_id;
         let r = self.propose_command(req.group_id, cmd).await;
+        if let Some(e) = &r.error {
+            crate::metrics::meta_error("propose", e.code().as_str_name());
+        }
         // Tests of retries after a lost reply: `reply-lost=return(CLIENT)`
         // applies CLIENT's commands and drops the answers.
         fail::fail_point!("reply-lost", |arg: Option<String>| {
@@ -204,9 +207,11 @@ impl MetaService for MetaSvc {
                 ..Default::default()
             }));
         };
-        Ok(Response::new(
-            query_local(&self.registry, req.group_id, q).await,
-        ))
+        let r = query_local(&self.registry, req.group_id, q).await;
+        if let Some(e) = &r.error {
+            crate::metrics::meta_error("query", e.code().as_str_name());
+        }
+        Ok(Response::new(r))
     }
 }
 
@@ -677,6 +682,24 @@ async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Resul
     }
 }
 
+/// Asks the node at `addr` (a group's leader) to hand the group over.
+async fn transfer_at(addr: &str, req: TransferLeaderRequest) -> Result<(), WireError> {
+    let unreachable =
+        |e: String| WireError::new(ErrorCode::Unavailable, format!("leader at {addr}: {e}"));
+    let mut c =
+        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let r = tokio::time::timeout(Duration::from_secs(10), c.transfer_leader(req))
+        .await
+        .map_err(|_| unreachable("no answer within 10 s".into()))?
+        .map_err(|s| unreachable(s.message().to_string()))?;
+    match r.into_inner().error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// A node's status, for checking who answers at an address.
 async fn status_of(addr: &str) -> Result<StatusResponse, WireError> {
     let unreachable =
@@ -890,20 +913,42 @@ impl AdminService for AdminSvc {
                 ),
             );
         }
+        let leader_addr = st
+            .nodes
+            .iter()
+            .find(|(id, _)| Some(*id) == st.leader)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
+        let router = &self.meta.router;
+        if req.to_node == self.registry.node_id() {
+            // Asked to take over: balancing must not move the group away
+            // again at once, so hold it here first, then ask the leader.
+            router.hold_leadership(req.group_id, crate::router::LEADER_HOLD);
+            if g.is_leader() {
+                return Ok(Response::new(TransferLeaderResponse { error: None }));
+            }
+            let r = match leader_addr.as_str() {
+                "" => Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("group {} has no leader now", req.group_id),
+                )),
+                addr => transfer_at(addr, req).await,
+            };
+            if r.is_err() {
+                router.release_leadership(req.group_id);
+            }
+            return Ok(Response::new(TransferLeaderResponse { error: r.err() }));
+        }
         if !g.is_leader() {
             let mut e = WireError::new(
                 ErrorCode::NotLeader,
                 format!("not the leader of group {}", req.group_id),
             );
             e.leader_id = st.leader.unwrap_or(0);
-            e.leader_addr = st
-                .nodes
-                .iter()
-                .find(|(id, _)| Some(*id) == st.leader)
-                .map(|(_, a)| a.clone())
-                .unwrap_or_default();
+            e.leader_addr = leader_addr;
             return Ok(Response::new(TransferLeaderResponse { error: Some(e) }));
         }
+        router.release_leadership(req.group_id);
         if let Err(e) = g.transfer_leader(req.to_node).await {
             return fail(ErrorCode::Unavailable, e.to_string());
         }
