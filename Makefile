@@ -5,11 +5,16 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/musicfs/target
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 APT_PKGS := clang libclang-dev pkg-config fuse3 iproute2 iptables
+# Only the tests need a browser (the status page's screenshot test).
+TEST_APT_PKGS := chromium
 
-.PHONY: deps build dev test lint unit integration chaos pjdfstest image compose-test bench clean-dev
+.PHONY: deps test-deps build dev test lint unit integration chaos pjdfstest image compose-test bench clean-dev
 
 deps:
 	@scripts/install-deps.sh $(APT_PKGS)
+
+test-deps: deps
+	@scripts/install-deps.sh $(TEST_APT_PKGS)
 
 build: deps
 	$(CARGO) build --release --locked --workspace --bins
@@ -27,7 +32,7 @@ lint: deps
 
 # Tests run against nodes built with failure injection points (crash tests);
 # `make build` builds them without, so they compile to nothing there.
-unit: deps
+unit: test-deps
 	$(CARGO) test --release --locked --workspace --features musicfs-node/failpoints
 
 pjdfstest: build

@@ -17,6 +17,11 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+fail() {
+  echo "$*" >&2
+  "${DC[@]}" logs --tail 40 >&2 || true
+  exit 1
+}
 
 # Waits (bounded) until a command succeeds.
 until_ok() {
@@ -40,7 +45,8 @@ until_ok "the client's mount" 120 mounted
 
 head -c 5000000 /dev/urandom >"$TMP/track.flac"
 want=$(sha256sum <"$TMP/track.flac" | cut -d' ' -f1)
-"${DC[@]}" exec -T client sh -c 'mkdir -p /mnt/musicfs/Artist/Album && cat > /mnt/musicfs/Artist/Album/track.flac' <"$TMP/track.flac"
+"${DC[@]}" exec -T client sh -c 'mkdir -p /mnt/musicfs/Artist/Album && cat > /mnt/musicfs/Artist/Album/track.flac' <"$TMP/track.flac" ||
+  fail "writing through the client container's mount failed"
 sum_mount() { "${DC[@]}" exec -T client sha256sum /mnt/musicfs/Artist/Album/track.flac | cut -d' ' -f1; }
 got=$(sum_mount)
 [ "$got" = "$want" ] || { echo "read back $got, wrote $want" >&2; exit 1; }

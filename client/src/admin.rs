@@ -562,16 +562,8 @@ pub fn print_status(v: &ClusterView) {
             w.state,
             progress,
             format!("{}/s", human(w.bytes_per_sec)),
-            if w.limit_bytes_per_sec == 0 {
-                "none".to_string()
-            } else {
-                format!("{}/s", human(w.limit_bytes_per_sec))
-            },
-            if w.eta_secs > 0 {
-                format!("{}s", w.eta_secs)
-            } else {
-                "-".into()
-            },
+            proto::display::limit(w.limit_bytes_per_sec),
+            proto::display::eta(w.eta_secs),
             human(w.bytes)
         );
         if !w.last_error.is_empty() {
@@ -645,20 +637,7 @@ pub fn print_groups(groups: &[GroupView]) {
     }
 }
 
-pub fn human(b: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+pub use proto::display::human;
 
 /// Adds, drains or removes a storage node through any node of the cluster.
 /// Returns the chunk records that still list the node (drain, remove).

@@ -198,7 +198,13 @@ impl Cluster {
             }
             for addr in &candidates {
                 match self.status_of(addr).await {
-                    Ok(st) if st.error.is_none() && !st.cluster_id.is_empty() => {
+                    // A node of a cluster still being initialised may not
+                    // know the number of groups yet (0): ask again.
+                    Ok(st)
+                        if st.error.is_none()
+                            && !st.cluster_id.is_empty()
+                            && st.group_count > 0 =>
+                    {
                         let peers: BTreeMap<u64, String> = st
                             .peers
                             .iter()
@@ -206,7 +212,7 @@ impl Cluster {
                             .collect();
                         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
                         *self.group_count.write().unwrap_or_else(|e| e.into_inner()) =
-                            st.group_count.max(1);
+                            st.group_count;
                         self.set_storage(&st);
                         let mut leaders = self.leaders.write().unwrap_or_else(|e| e.into_inner());
                         for g in &st.groups {
@@ -218,9 +224,13 @@ impl Cluster {
                     }
                     Ok(st) => errors.push(format!(
                         "{addr}: {}",
-                        st.error
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "node is not part of an initialised cluster".into())
+                        st.error.map(|e| e.to_string()).unwrap_or_else(|| {
+                            if st.cluster_id.is_empty() {
+                                "node is not part of an initialised cluster".into()
+                            } else {
+                                "the cluster's initialisation has not finished on this node".into()
+                            }
+                        })
                     )),
                     Err(e) => errors.push(format!("{addr}: {e}")),
                 }
@@ -411,6 +421,7 @@ impl Cluster {
                 break;
             };
             let mut hinted = false;
+            let reason: &'static str;
             match call(self.meta_client(&addr)?).await {
                 Ok(r) => match r.error() {
                     None => {
@@ -429,6 +440,7 @@ impl Cluster {
                         return Ok(r);
                     }
                     Some(e) if e.code() == ErrorCode::NotLeader => {
+                        reason = "not_leader";
                         last = format!("node {node} ({addr}): {e}");
                         hinted = e.leader_id != 0 && e.leader_id != node;
                         self.set_leader(group, Some(e.leader_id).filter(|_| hinted));
@@ -438,17 +450,20 @@ impl Cluster {
                         }
                     }
                     Some(e) if e.code() == ErrorCode::Unavailable => {
+                        reason = "unavailable";
                         last = format!("node {node} ({addr}): {e}");
                         self.set_leader(group, None);
                     }
                     Some(e) if e.code() == ErrorCode::Busy => {
                         // A cross-shard operation holds the key: it resolves
                         // within milliseconds (or recovery takes it over).
+                        reason = "busy";
                         last = format!("node {node} ({addr}): {e}");
                     }
                     Some(e) => return Err(ClientError::Server(e.clone())),
                 },
                 Err(s) => {
+                    reason = "transport";
                     last = format!("node {node} ({addr}): {}", s.message());
                     tracing::debug!(group, node, %addr, error = %s.message(), "{what} failed");
                     self.set_leader(group, None);
@@ -457,6 +472,7 @@ impl Cluster {
             if start.elapsed() >= self.cfg.deadline {
                 break;
             }
+            crate::metrics::retry(reason);
             hints_in_a_row = if hinted { hints_in_a_row + 1 } else { 0 };
             // Follow a fresh hint at once; back off when hints go in circles
             // (an election in progress) or there is none.
@@ -717,6 +733,7 @@ impl Cluster {
                         let r = r.into_inner();
                         if let Some(e) = r.error {
                             last = format!("node {node}: {e}");
+                            crate::metrics::retry("replica");
                             continue;
                         }
                         if id.verify(&r.data) {
@@ -730,6 +747,7 @@ impl Cluster {
                         last = format!("node {node} ({addr}): {}", s.message());
                     }
                 }
+                crate::metrics::retry("replica");
             }
             if start.elapsed() >= self.cfg.deadline {
                 tracing::warn!(%id, error = %last, "chunk read gave up");

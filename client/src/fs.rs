@@ -737,7 +737,9 @@ impl Fs {
 
     /// A chunk from the cache, or fetched once however many readers want it.
     async fn fetch(&self, id: ChunkId, locations: Vec<u64>) -> Result<Bytes> {
-        if let Some(d) = lock(&self.cache).get(&id) {
+        let cached = lock(&self.cache).get(&id);
+        crate::metrics::chunk_cache(cached.is_some());
+        if let Some(d) = cached {
             return Ok(d);
         }
         self.fetch_shared(id, locations)
@@ -792,6 +794,7 @@ impl Fs {
                 continue;
             }
             let f = self.fetch_shared(id, st.locations.get(&id).cloned().unwrap_or_default());
+            crate::metrics::prefetched();
             tokio::spawn(f);
         }
     }

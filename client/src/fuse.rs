@@ -76,12 +76,18 @@ impl MusicFuse {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let span = tracing::debug_span!("fuse", op);
+        let start = std::time::Instant::now();
+        let f = async move {
+            f.await;
+            crate::metrics::fuse_op(op, start.elapsed().as_secs_f64());
+        };
         self.rt.spawn(tracing::Instrument::instrument(f, span));
     }
 }
 
-fn errno(op: &str, e: &ClientError) -> Errno {
+fn errno(op: &'static str, e: &ClientError) -> Errno {
     let code = e.errno();
+    crate::metrics::fuse_error(op, code);
     if code == libc::EIO {
         tracing::warn!(op, error = %e, "returning EIO");
     } else {

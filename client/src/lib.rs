@@ -7,6 +7,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod layout;
+pub mod metrics;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

@@ -50,6 +50,9 @@ enum Cmd {
         /// Seconds an operation retries before it fails with EIO.
         #[arg(long, default_value_t = 30)]
         deadline_secs: u64,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Start a local three-node cluster and mount it (for trying MusicFS out).
     Dev {
@@ -594,8 +597,12 @@ async fn run(cli: Cli) -> Result<()> {
             cache_mib,
             allow_other,
             deadline_secs,
+            metrics_listen,
         } => {
             check_mountpoint(&mountpoint)?;
+            if let Some(addr) = metrics_listen {
+                musicfs_client::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+            }
             let c = connect(&cluster, Duration::from_secs(deadline_secs))
                 .await
                 .with_context(|| format!("cannot reach the cluster at {cluster}"))?;

@@ -1,13 +1,15 @@
 //! The admin CLI against a real cluster: group list and leader transfer,
 //! snapshots, df, repair status, get, and completions, each with the exit
-//! code scripts rely on; and the RPC and Raft metrics those calls leave.
+//! code scripts rely on; the RPC and Raft metrics those calls leave; and
+//! the node's status page, read over HTTP and rendered in headless
+//! Chromium (Debian's `chromium`, which `make deps` installs).
 
 mod common;
 
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{bin_dir, free_port, scrape, wait_for, TestCluster};
+use common::{bin_dir, free_port, http, scrape, wait_for, TestCluster};
 
 fn musicfs(c: &TestCluster, args: &[&str]) -> Output {
     Command::new(bin_dir().join("musicfs"))
@@ -177,4 +179,135 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
     let out = musicfs(&c, &["df"]);
     assert_eq!(out.status.code(), Some(2), "df with a node down");
     assert!(String::from_utf8_lossy(&out.stdout).contains("does not answer"));
+}
+
+/// Runs headless Chromium on `url` with `args`, bounded in time; returns
+/// its stdout.
+fn chromium(url: &str, args: &[&str]) -> String {
+    let bin = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect(
+            "headless Chromium is needed for this test: `make deps` installs Debian's chromium",
+        );
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut child = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=1280,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for chromium") {
+            assert!(status.success(), "chromium failed: {status}");
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+        .expect("chromium output");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_health_nodes_and_groups_in_a_browser() {
+    let mut c = TestCluster::start(3, &[]).await;
+    let web = format!("127.0.0.1:{}", free_port());
+    c.kill(0);
+    c.nodes[0]
+        .args
+        .extend(["--metrics-listen".to_string(), web.clone()]);
+    c.spawn(0);
+    c.wait_up(0).await;
+    c.init_groups(3).await;
+
+    // Over plain HTTP: healthy once every group has a leader and every
+    // storage node answers; the page lists every node and group.
+    let page = wait_for("a healthy status page", Duration::from_secs(30), || async {
+        let r = http(&web, "GET", "/");
+        r.contains("HEALTHY").then_some(r)
+    })
+    .await;
+    assert!(page.starts_with("HTTP/1.0 200") || page.starts_with("HTTP/1.1 200"));
+    assert!(page.contains("text/html"));
+    for n in &c.nodes {
+        assert!(page.contains(&n.addr), "node {} listed", n.id);
+    }
+    for g in 0..3 {
+        assert!(
+            page.contains(&format!("<tr><td>{g}</td>")),
+            "group {g} listed"
+        );
+    }
+    assert!(http(&web, "GET", "/metrics").contains("musicfs_raft_term"));
+    // Read-only: nothing but GET and HEAD.
+    let post = http(&web, "POST", "/");
+    assert!(post.contains(" 405 "), "POST refused: {post}");
+    assert!(http(&web, "GET", "/nothing").contains(" 404 "));
+
+    // In a browser: the DOM it renders, and a screenshot of it.
+    let url = format!("http://{web}/");
+    let dom = chromium(&url, &["--dump-dom"]);
+    assert!(dom.contains("id=\"health\""), "{dom}");
+    assert!(dom.contains("HEALTHY"));
+    assert!(dom.contains("id=\"groups\""));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shot = dir.path().join("status.png");
+    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    // Kept for a human to look at when asked to.
+    if let Ok(dir) = std::env::var("MUSICFS_TEST_ARTIFACTS") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(std::path::Path::new(&dir).join("status-page.png"), &png);
+    }
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
+    assert_eq!((dim(16), dim(20)), (1280, 1000), "the window's size");
+    // A blank page compresses to a few KiB; tables and text do not.
+    assert!(
+        png.len() > 12 * 1024,
+        "the screenshot shows something ({} bytes)",
+        png.len()
+    );
+
+    // A node down: the page says DEGRADED and names it.
+    c.kill(2);
+    let page = wait_for(
+        "a degraded status page",
+        Duration::from_secs(30),
+        || async {
+            let r = http(&web, "GET", "/");
+            r.contains("DEGRADED").then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        page.contains(&format!(
+            "storage node 3 ({}) does not answer",
+            c.nodes[2].addr
+        )),
+        "{page}"
+    );
 }

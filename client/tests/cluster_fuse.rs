@@ -78,7 +78,16 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
     cluster.init_groups(1).await;
     let mnt_dir = tempfile::tempdir().expect("tempdir");
     let mnt = mnt_dir.path().join("mnt");
-    let mount = Mount::new(&cluster.seeds(), &mnt, 60).await;
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    // A cache smaller than the big file, so its reads go to the storage
+    // nodes (and miss the cache) as well.
+    let mount = Mount::with_args(
+        &cluster.seeds(),
+        &mnt,
+        60,
+        &["--metrics-listen", &metrics, "--cache-mib", "32"],
+    )
+    .await;
     let root = mount.path.clone();
 
     // A few hundred small files and one 200 MiB file.
@@ -221,6 +230,29 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
     assert_eq!(
         fs::read(root.join("after.txt")).expect("read after"),
         b"written with the restarted node in the quorum"
+    );
+    // The mount's metrics: operations by type and their errors, the chunk
+    // cache, readahead, and the retries the two kills caused.
+    let text = common::scrape(&metrics);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for op in ["lookup", "write", "read", "flush", "rename"] {
+        assert!(
+            value(&format!("musicfs_client_fuse_ops_total{{op=\"{op}\"}}")) > 0.0,
+            "FUSE {op} counted: {text}"
+        );
+    }
+    assert!(text.contains("musicfs_client_fuse_op_seconds_bucket{op=\"read\",le=\"0.001\"}"));
+    assert!(value("musicfs_client_chunk_cache_hits_total") > 0.0);
+    assert!(value("musicfs_client_chunk_cache_misses_total") > 0.0);
+    assert!(value("musicfs_client_prefetched_chunks_total") > 0.0);
+    assert!(
+        value("musicfs_client_retries_total") > 0.0,
+        "retries after the kills: {text}"
     );
     phase("done");
     drop(mount);

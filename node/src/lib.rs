@@ -19,4 +19,5 @@ pub mod router;
 pub mod scrub;
 pub mod server;
 pub mod service;
+pub mod status_page;
 pub mod worker;

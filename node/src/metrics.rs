@@ -3,8 +3,6 @@
 //! `http://METRICS_LISTEN/metrics` when the node is configured with
 //! `metrics_listen`; otherwise the calls below record into nothing.
 
-use std::net::SocketAddr;
-
 /// Bytes a background worker moved (copied, verified, freed).
 pub const WORKER_BYTES: &str = "musicfs_worker_bytes_total";
 /// Progress of a worker's current pass, in the worker's unit.
@@ -50,17 +48,17 @@ const RPC_BUCKETS: [f64; 14] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
 ];
 
-/// Serves the metrics over HTTP at `addr`.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
+/// Installs the recorder; the status page's listener serves what it
+/// renders at `/metrics`.
+pub fn install() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(RPC_SECONDS.into()),
             &RPC_BUCKETS,
         )
         .map_err(|e| format!("metrics buckets: {e}"))?
-        .install()
-        .map_err(|e| format!("metrics listener on {addr}: {e}"))
+        .install_recorder()
+        .map_err(|e| format!("metrics recorder: {e}"))
 }
 
 pub fn worker_bytes(worker: &'static str, n: u64) {

@@ -195,9 +195,17 @@ pub async fn run(
         None => store.node_set("node_id", &cfg.id.to_string())?,
     }
     let chunks = Arc::new(ChunkStore::open(&cfg.data, cfg.reserve_mib << 20)?);
-    if let Some(addr) = cfg.metrics_listen {
-        crate::metrics::install(addr).map_err(NodeError::Metrics)?;
-    }
+    // The status page and metrics listener, bound first so a taken port
+    // fails the start at once.
+    let http = match cfg.metrics_listen {
+        Some(addr) => Some((
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| NodeError::Metrics(format!("status page listener on {addr}: {e}")))?,
+            crate::metrics::install().map_err(NodeError::Metrics)?,
+        )),
+        None => None,
+    };
     let settings = RaftSettings {
         snapshot_every: cfg.snapshot_every.max(1),
         keep_behind_snapshot: cfg.keep_logs,
@@ -273,14 +281,21 @@ pub async fn run(
     };
     let background = tokio::spawn(crate::background::run(router));
     let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
-    let admin = AdminSvc {
+    let admin = Arc::new(AdminSvc {
         registry: registry.clone(),
         chunks: chunks.clone(),
         meta: meta.clone(),
         repair,
         scrub: scrub.clone(),
         gc,
-    };
+    });
+    let _status_page = http.map(|(listener, handle)| {
+        crate::background::AbortOnDrop(tokio::spawn(crate::status_page::serve(
+            listener,
+            admin.clone(),
+            handle,
+        )))
+    });
     tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
@@ -317,7 +332,7 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AdminServiceServer::new(admin))
+        .add_service(AdminServiceServer::from_arc(admin.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         r = server => r?,

@@ -140,6 +140,25 @@ impl MetaSvc {
         })
     }
 
+    /// The cluster's number of groups once this node knows it for sure:
+    /// from group 0's record (written by `cluster init`, so 0 until that
+    /// applied here), or what `Join` told a storage-only node. A count of
+    /// the groups hosted so far would be too small while a new cluster's
+    /// groups reach this node one by one, and a client that took it would
+    /// route to the wrong groups.
+    fn known_group_count(&self) -> u32 {
+        if self.registry.group(0).is_some() {
+            let view = KvView::new(self.registry.store());
+            return view
+                .get(&keys::group_record(0))
+                .ok()
+                .flatten()
+                .and_then(|rec| GroupRecord::decode(&rec[..]).ok())
+                .map_or(0, |r| r.group_count);
+        }
+        self.router.group_count().unwrap_or(0)
+    }
+
     fn group_count(&self, group_id: u32) -> Result<u32, WireError> {
         let view = KvView::new(self.registry.store());
         let key = keys::group_record(group_id);
@@ -877,7 +896,7 @@ impl AdminService for AdminSvc {
             node_id: self.registry.node_id(),
             cluster_id: self.registry.cluster_id(),
             peers,
-            group_count: groups.len() as u32,
+            group_count: self.meta.known_group_count(),
             groups,
             chunk_count: self.chunks.chunk_count(),
             chunk_bytes: self.chunks.chunk_bytes(),

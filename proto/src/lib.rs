@@ -18,4 +18,5 @@ pub mod admin {
 }
 
 mod convert;
+pub mod display;
 pub use convert::*;

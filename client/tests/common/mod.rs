@@ -310,6 +310,11 @@ fn is_mounted(path: &Path) -> bool {
 
 impl Mount {
     pub async fn new(seeds: &str, path: &Path, deadline_secs: u64) -> Mount {
+        Self::with_args(seeds, path, deadline_secs, &[]).await
+    }
+
+    /// A mount with `extra` flags for `musicfs mount`.
+    pub async fn with_args(seeds: &str, path: &Path, deadline_secs: u64, extra: &[&str]) -> Mount {
         std::fs::create_dir_all(path).expect("mount point");
         let child = Command::new(bin_dir().join("musicfs"))
             .args([
@@ -319,6 +324,7 @@ impl Mount {
                 "--deadline-secs",
                 &deadline_secs.to_string(),
             ])
+            .args(extra)
             .arg(path)
             .env("MUSICFS_LOG", "warn")
             .stdout(Stdio::null())
@@ -398,11 +404,21 @@ impl Gen {
 
 /// The Prometheus text a node serves.
 pub fn scrape(addr: &str) -> String {
+    http(addr, "GET", "/metrics")
+}
+
+/// The whole HTTP/1.0 response (status line, headers, body) to `METHOD PATH`.
+pub fn http(addr: &str, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
-        .expect("send");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the node's HTTP listener");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("send");
     let mut out = String::new();
-    s.read_to_string(&mut out).expect("read metrics");
+    s.read_to_string(&mut out).expect("read the answer");
     out
 }
