@@ -540,11 +540,17 @@ impl Cluster {
                 op: Some(op),
             }),
         };
-        self.with_leader(group, "propose", |mut c| {
-            let req = req.clone();
-            async move { c.propose(req).await.map(|r| r.into_inner()) }
-        })
-        .await
+        let res = self
+            .with_leader(group, "propose", |mut c| {
+                let req = req.clone();
+                async move { c.propose(req).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        if let Err(e) = &res {
+            // The nodes' log lines about this request carry the same tag.
+            tracing::debug!(req = %proto::request_tag(self.client_id, id.seq), group, error = %e, "propose failed");
+        }
+        res
     }
 
     /// This client's id in the cluster's request table.

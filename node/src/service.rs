@@ -199,7 +199,15 @@ impl MetaService for MetaSvc {
         }
         #[cfg(feature = "failpoints")]
         let client = cmd.client_id;
-        let r = self.propose_command(req.group_id, cmd).await;
+        // Every log line of the request, here and in the transactions it
+        // runs, carries the id the client logs too (CLIENT:SEQ in hex).
+        let span = tracing::info_span!(
+            "propose",
+            req = %proto::request_tag(cmd.client_id, cmd.request_seq),
+            group = req.group_id
+        );
+        let r =
+            tracing::Instrument::instrument(self.propose_command(req.group_id, cmd), span).await;
         if let Some(e) = &r.error {
             crate::metrics::meta_error("propose", e.code().as_str_name());
         }

@@ -20,3 +20,10 @@ pub mod admin {
 mod convert;
 pub mod display;
 pub use convert::*;
+
+/// How logs name a client request: the client's id and the request's
+/// sequence number, `CLIENT:SEQ` in hex, the same on the client and on
+/// every node that handles it.
+pub fn request_tag(client_id: u64, seq: u64) -> String {
+    format!("{client_id:016x}:{seq:x}")
+}
