@@ -281,14 +281,7 @@ pub fn content(f: u8, tag: u64, len: usize) -> Vec<u8> {
     out.extend_from_slice(b"MUSICFS-CHAOS");
     out.push(f);
     out.extend_from_slice(&tag.to_le_bytes());
-    let mut x = (tag ^ ((f as u64) << 56)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
+    musicfs_client::pattern::fill(&mut out, tag ^ ((f as u64) << 56), len);
     out
 }
 

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod fuse;
 pub mod layout;
 pub mod metrics;
+pub mod pattern;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

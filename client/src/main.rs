@@ -142,6 +142,22 @@ enum Cmd {
         path: String,
         local: PathBuf,
     },
+    /// A quick self-test of the running cluster: creates small files and
+    /// one large file in a scratch directory, stats and reads them back,
+    /// verifies every byte, removes them, and reports the rates. Exit code
+    /// 1 if anything fails or differs.
+    Bench {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        /// Small files (4 KiB each) to create, stat and read.
+        #[arg(long, default_value_t = 200)]
+        files: usize,
+        /// Size of the large file, in MiB.
+        #[arg(long, default_value_t = 64)]
+        big_mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the shell completion script for SHELL (bash, zsh, fish,
     /// elvish, powershell); e.g. `musicfs completions bash >
     /// /etc/bash_completion.d/musicfs`.
@@ -351,6 +367,134 @@ async fn group_cmd(cmd: GroupCmd) -> Result<()> {
     Ok(())
 }
 
+#[derive(serde::Serialize)]
+struct BenchReport {
+    files: usize,
+    creates_per_sec: f64,
+    stat_p50_ms: f64,
+    stat_p99_ms: f64,
+    small_reads_per_sec: f64,
+    big_mib: usize,
+    write_mib_per_sec: f64,
+    read_mib_per_sec: f64,
+}
+
+/// Bytes that differ per `seed`, so a mixed-up file shows.
+fn bench_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    musicfs_client::pattern::fill(&mut out, seed, len);
+    out
+}
+
+async fn bench(fs: &Fs, files: usize, big_mib: usize) -> Result<BenchReport> {
+    use proto::meta::FileKind;
+    let name = format!(".musicfs-bench-{:08x}", rand::random::<u32>());
+    let dir = fs
+        .create(
+            proto::ROOT_INO,
+            name.as_bytes(),
+            FileKind::Directory,
+            0o755,
+            0,
+            0,
+            0,
+            b"",
+        )
+        .await
+        .context("creating the scratch directory")?;
+    let res = bench_in(fs, dir.ino, files, big_mib).await;
+    // Clean up whatever was made, also after a failure.
+    for i in 0..files {
+        let _ = fs.remove(dir.ino, format!("f{i}").as_bytes(), false).await;
+    }
+    let _ = fs.remove(dir.ino, b"big", false).await;
+    fs.remove(proto::ROOT_INO, name.as_bytes(), true)
+        .await
+        .with_context(|| format!("removing /{name}"))?;
+    res
+}
+
+async fn bench_in(fs: &Fs, dir: u64, files: usize, big_mib: usize) -> Result<BenchReport> {
+    let secs = |t: Instant| t.elapsed().as_secs_f64().max(1e-9);
+    let t = Instant::now();
+    for i in 0..files {
+        fs.write_at(
+            dir,
+            format!("f{i}").as_bytes(),
+            &bench_bytes(i as u64, 4096),
+            0o644,
+        )
+        .await
+        .with_context(|| format!("writing small file {i}"))?;
+    }
+    let creates_per_sec = files as f64 / secs(t);
+    let mut stats = Vec::with_capacity(files);
+    for i in 0..files {
+        let t = Instant::now();
+        fs.lookup(dir, format!("f{i}").as_bytes()).await?;
+        stats.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    stats.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        stats
+            .get(((stats.len() as f64 * p) as usize).min(stats.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let t = Instant::now();
+    for i in 0..files {
+        let a = fs.lookup(dir, format!("f{i}").as_bytes()).await?;
+        let fh = fs.open(a.ino).await?;
+        let data = fs.read(fh, 0, 8192).await;
+        fs.release(fh).await?;
+        if data?[..] != bench_bytes(i as u64, 4096)[..] {
+            bail!("small file {i} reads back different bytes");
+        }
+    }
+    let small_reads_per_sec = files as f64 / secs(t);
+    let big = bench_bytes(u64::MAX, big_mib << 20);
+    let t = Instant::now();
+    let a = fs
+        .write_at(dir, b"big", &big, 0o644)
+        .await
+        .context("writing the large file")?;
+    let write_mib_per_sec = big_mib as f64 / secs(t);
+    let t = Instant::now();
+    let fh = fs.open(a.ino).await?;
+    let mut got = Vec::with_capacity(big.len());
+    let read = async {
+        while got.len() < big.len() {
+            let b = fs.read(fh, got.len() as u64, 4 << 20).await?;
+            if b.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&b);
+        }
+        Ok::<_, musicfs_client::ClientError>(())
+    }
+    .await;
+    fs.release(fh).await?;
+    read?;
+    let read_mib_per_sec = big_mib as f64 / secs(t);
+    if got != big {
+        bail!(
+            "the large file reads back different bytes ({} of {} bytes)",
+            got.len(),
+            big.len()
+        );
+    }
+    Ok(BenchReport {
+        files,
+        creates_per_sec,
+        stat_p50_ms: pct(0.5),
+        stat_p99_ms: pct(0.99),
+        small_reads_per_sec,
+        big_mib,
+        write_mib_per_sec,
+        read_mib_per_sec,
+    })
+}
+
 fn print_df(v: &[admin::DfView]) {
     println!(
         "{:>4}  {:<22} {:>10} {:>10} {:>10} {:>5} {:>10} {:>9}",
@@ -516,6 +660,27 @@ async fn run(cli: Cli) -> Result<()> {
             std::fs::rename(&tmp, &local)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), local.display()))?;
             println!("{path} -> {}: {} bytes", local.display(), data.len());
+        }
+        Cmd::Bench {
+            cluster,
+            files,
+            big_mib,
+            json,
+        } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let r = bench(&fs, files, big_mib).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} small files: {:.0} creates/s, stat p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s",
+                    r.files, r.creates_per_sec, r.stat_p50_ms, r.stat_p99_ms, r.small_reads_per_sec
+                );
+                println!(
+                    "{} MiB file: write {:.1} MiB/s, read {:.1} MiB/s; every byte verified, all removed",
+                    r.big_mib, r.write_mib_per_sec, r.read_mib_per_sec
+                );
+            }
         }
         Cmd::Completions { shell } => {
             use clap::CommandFactory;

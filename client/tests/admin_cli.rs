@@ -1,5 +1,5 @@
 //! The admin CLI against a real cluster: group list and leader transfer,
-//! snapshots, df, repair status, get, and completions, each with the exit
+//! snapshots, df, repair status, get, bench and completions, each with the exit
 //! code scripts rely on; the RPC and Raft metrics those calls leave; and
 //! the node's status page, read over HTTP and rendered in headless
 //! Chromium (Debian's `chromium`, which `make deps` installs).
@@ -147,6 +147,30 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
         std::fs::read(&local).expect("local copy"),
         b"some audio",
         "and leaves the local file alone"
+    );
+
+    // bench: a self-test that verifies what it wrote and leaves nothing.
+    let out = musicfs(&c, &["bench", "--files", "20", "--big-mib", "4", "--json"]);
+    assert!(
+        out.status.success(),
+        "bench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = json(&out);
+    assert_eq!(b["files"], 20);
+    for k in [
+        "creates_per_sec",
+        "small_reads_per_sec",
+        "write_mib_per_sec",
+        "read_mib_per_sec",
+    ] {
+        assert!(b[k].as_f64() > Some(0.0), "{k}: {b}");
+    }
+    let ls = musicfs(&c, &["ls", "/"]);
+    assert!(ls.status.success());
+    assert!(
+        !String::from_utf8_lossy(&ls.stdout).contains(".musicfs-bench"),
+        "bench removed its scratch directory"
     );
 
     // completions: a script that knows the subcommands.
