@@ -16,8 +16,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use proto::meta::{
     command::Op, query::Q, Attr, ChunkInfo, ChunkInfoQuery, CommitLayoutOp, CreateBatchOp,
     CreateOp, DirEntry, ErrorCode, Extent, FileKind, GetAttrQuery, GetLayoutQuery, LinkOp,
-    LookupQuery, NewChunk, ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp, SetAttrFields,
-    SetAttrOp, StatFsQuery, Timespec,
+    LookupQuery, NewChunk, QueryResult, ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp,
+    SetAttrFields, SetAttrOp, StatFsQuery, Timespec,
 };
 use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
@@ -555,17 +555,29 @@ impl Fs {
     }
 
     async fn open_with(&self, ino: u64, created: Option<Attr>) -> Result<u64> {
+        enum Opening {
+            Share(Arc<AsyncMutex<FileState>>),
+            New(Box<FileState>),
+        }
         let existing = lock(&self.files).get(&ino).cloned();
-        let state = match existing {
-            Some(st) if created.is_some() || self.still_current(&st).await? => {
+        let opening = match (existing, created) {
+            (Some(st), Some(_)) => Opening::Share(st),
+            (Some(st), None) => match self.newer_layout(&st).await? {
+                Some(r) => Opening::New(Box::new(self.state_of(ino, r).await?)),
+                None => Opening::Share(st),
+            },
+            (None, Some(attr)) => {
+                Opening::New(Box::new(FileState::new(attr, Vec::new(), HashMap::new())))
+            }
+            (None, None) => Opening::New(Box::new(self.load(ino).await?)),
+        };
+        let state = match opening {
+            Opening::Share(st) => {
                 st.lock().await.opens += 1;
                 st
             }
-            _ => {
-                let st = match created {
-                    Some(attr) => FileState::new(attr, Vec::new(), HashMap::new()),
-                    None => self.load(ino).await?,
-                };
+            Opening::New(st) => {
+                let st = *st;
                 let arc = {
                     let mut files = lock(&self.files);
                     match files.get(&ino) {
@@ -596,32 +608,38 @@ impl Fs {
         Ok(fh)
     }
 
-    /// Whether an open may share `st`, the state of handles already open
-    /// on the file: it holds this client's own uncommitted writes, or it
-    /// is still the committed version (close-to-open: an open sees every
-    /// close that came before it, also while older handles stay open).
-    async fn still_current(&self, st: &Arc<AsyncMutex<FileState>>) -> Result<bool> {
+    /// The committed layout when an open may not share `st`, the state of
+    /// handles already open on the file; None when it may: `st` holds this
+    /// client's own uncommitted writes, or is still the committed version
+    /// (close-to-open: an open sees every close that came before it, also
+    /// while older handles stay open).
+    async fn newer_layout(&self, st: &Arc<AsyncMutex<FileState>>) -> Result<Option<QueryResult>> {
         let ino = {
             let g = st.lock().await;
             if g.modified {
-                return Ok(true);
+                return Ok(None);
             }
             g.ino
         };
-        let r = self
-            .cluster
-            .query(group_of_ino(ino), Q::GetLayout(GetLayoutQuery { ino }))
-            .await?;
-        let attr = Self::attr_of(r.attr)?;
+        let r = self.get_layout(ino).await?;
+        let size = Self::attr_of(r.attr)?.size;
         let g = st.lock().await;
-        Ok(g.modified || (g.size == attr.size && g.extents == r.extents))
+        Ok((!g.modified && (g.size != size || g.extents != r.extents)).then_some(r))
+    }
+
+    async fn get_layout(&self, ino: u64) -> Result<QueryResult> {
+        self.cluster
+            .query(group_of_ino(ino), Q::GetLayout(GetLayoutQuery { ino }))
+            .await
     }
 
     async fn load(&self, ino: u64) -> Result<FileState> {
-        let r = self
-            .cluster
-            .query(group_of_ino(ino), Q::GetLayout(GetLayoutQuery { ino }))
-            .await?;
+        let r = self.get_layout(ino).await?;
+        self.state_of(ino, r).await
+    }
+
+    /// The state of a file whose committed layout `r` answered.
+    async fn state_of(&self, ino: u64, r: QueryResult) -> Result<FileState> {
         let attr = Self::attr_of(r.attr)?;
         if attr.kind == FileKind::Directory as i32 {
             return Err(ClientError::server(

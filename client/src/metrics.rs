@@ -10,19 +10,13 @@ pub const CACHE_MISSES: &str = "musicfs_client_chunk_cache_misses_total";
 pub const PREFETCHED: &str = "musicfs_client_prefetched_chunks_total";
 pub const RETRIES: &str = "musicfs_client_retries_total";
 
-/// Latency buckets, in seconds: a cached stat takes microseconds, a
-/// commit milliseconds, a call behind a failover seconds.
-pub const BUCKETS: [f64; 14] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
-];
-
 /// Serves every metric recorded in this process over HTTP at `addr`.
 pub fn serve(addr: std::net::SocketAddr) -> Result<(), String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(FUSE_SECONDS.into()),
-            &BUCKETS,
+            &proto::LATENCY_BUCKETS,
         )
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install()

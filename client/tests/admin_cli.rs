@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{bin_dir, free_port, http, scrape, wait_for, TestCluster};
+use common::{bin_dir, http, scrape, wait_for, TestCluster};
 
 fn musicfs(c: &TestCluster, args: &[&str]) -> Output {
     Command::new(bin_dir().join("musicfs"))
@@ -33,13 +33,7 @@ fn json(out: &Output) -> serde_json::Value {
 async fn admin_commands_report_and_act_on_a_running_cluster() {
     let mut c = TestCluster::start(3, &[]).await;
     // Node 1 serves metrics.
-    let metrics = format!("127.0.0.1:{}", free_port());
-    c.kill(0);
-    c.nodes[0]
-        .args
-        .extend(["--metrics-listen".to_string(), metrics.clone()]);
-    c.spawn(0);
-    c.wait_up(0).await;
+    let metrics = c.restart_with_metrics(0).await;
     c.init_groups(3).await;
     let fs = c.client(Duration::from_secs(20)).await;
     fs.write_file("/track.flac", b"some audio", 0o644)
@@ -258,13 +252,7 @@ fn chromium(url: &str, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_health_nodes_and_groups_in_a_browser() {
     let mut c = TestCluster::start(3, &[]).await;
-    let web = format!("127.0.0.1:{}", free_port());
-    c.kill(0);
-    c.nodes[0]
-        .args
-        .extend(["--metrics-listen".to_string(), web.clone()]);
-    c.spawn(0);
-    c.wait_up(0).await;
+    let web = c.restart_with_metrics(0).await;
     c.init_groups(3).await;
 
     // Over plain HTTP: healthy once every group has a leader and every

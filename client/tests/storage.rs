@@ -363,13 +363,7 @@ fn chunk_path(data: &std::path::Path, id: &ChunkId) -> std::path::PathBuf {
 async fn scrub_repairs_a_rotten_and_a_missing_replica() {
     let mut c = TestCluster::start(3, &["--scrub-mib-per-sec", "0"]).await;
     // Node 2 serves metrics too.
-    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
-    c.kill(1);
-    c.nodes[1]
-        .args
-        .extend(["--metrics-listen".to_string(), metrics_addr.clone()]);
-    c.spawn(1);
-    c.wait_up(1).await;
+    let metrics_addr = c.restart_with_metrics(1).await;
     c.init().await;
     let fs = fresh_client(&c).await;
     let files = write_library(&fs, &mut Gen(11), 1, 4).await;

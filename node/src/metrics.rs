@@ -41,20 +41,13 @@ pub const RAFT_APPLY_LAG: &str = "musicfs_raft_apply_lag";
 pub const RAFT_IS_LEADER: &str = "musicfs_raft_is_leader";
 pub const RAFT_LEADER_CHANGES: &str = "musicfs_raft_leader_changes_total";
 
-/// Latency buckets of RPC histograms, in seconds: a local read takes
-/// tens of microseconds, a commit a few milliseconds, a call behind an
-/// election seconds.
-const RPC_BUCKETS: [f64; 14] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
-];
-
 /// Installs the recorder; the status page's listener serves what it
 /// renders at `/metrics`.
 pub fn install() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(RPC_SECONDS.into()),
-            &RPC_BUCKETS,
+            &proto::LATENCY_BUCKETS,
         )
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()

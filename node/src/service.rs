@@ -148,13 +148,7 @@ impl MetaSvc {
     /// route to the wrong groups.
     fn known_group_count(&self) -> u32 {
         if self.registry.group(0).is_some() {
-            let view = KvView::new(self.registry.store());
-            return view
-                .get(&keys::group_record(0))
-                .ok()
-                .flatten()
-                .and_then(|rec| GroupRecord::decode(&rec[..]).ok())
-                .map_or(0, |r| r.group_count);
+            return self.group_count(0).unwrap_or(0);
         }
         self.router.group_count().unwrap_or(0)
     }
@@ -687,13 +681,24 @@ impl AdminSvc {
     }
 }
 
+fn unreachable(addr: &str, e: String) -> WireError {
+    WireError::new(ErrorCode::Unavailable, format!("node at {addr}: {e}"))
+}
+
+/// The admin service of the node at `addr`.
+async fn admin_at(
+    addr: &str,
+) -> Result<
+    proto::admin::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    WireError,
+> {
+    proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| unreachable(addr, e.to_string()))
+}
+
 async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Result<(), WireError> {
-    let unreachable =
-        |e: String| WireError::new(ErrorCode::Unavailable, format!("node at {addr}: {e}"));
-    let mut c =
-        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+    let mut c = admin_at(addr).await?;
     let r = c
         .join(JoinRequest {
             cluster_id: cluster.to_string(),
@@ -701,7 +706,7 @@ async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Resul
             group_count: groups,
         })
         .await
-        .map_err(|s| unreachable(s.message().to_string()))?
+        .map_err(|s| unreachable(addr, s.message().to_string()))?
         .into_inner();
     match r.error {
         Some(e) => Err(e),
@@ -711,16 +716,11 @@ async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Resul
 
 /// Asks the node at `addr` (a group's leader) to hand the group over.
 async fn transfer_at(addr: &str, req: TransferLeaderRequest) -> Result<(), WireError> {
-    let unreachable =
-        |e: String| WireError::new(ErrorCode::Unavailable, format!("leader at {addr}: {e}"));
-    let mut c =
-        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+    let mut c = admin_at(addr).await?;
     let r = tokio::time::timeout(Duration::from_secs(10), c.transfer_leader(req))
         .await
-        .map_err(|_| unreachable("no answer within 10 s".into()))?
-        .map_err(|s| unreachable(s.message().to_string()))?;
+        .map_err(|_| unreachable(addr, "no answer within 10 s".into()))?
+        .map_err(|s| unreachable(addr, s.message().to_string()))?;
     match r.into_inner().error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -729,16 +729,11 @@ async fn transfer_at(addr: &str, req: TransferLeaderRequest) -> Result<(), WireE
 
 /// A node's status, for checking who answers at an address.
 async fn status_of(addr: &str) -> Result<StatusResponse, WireError> {
-    let unreachable =
-        |e: String| WireError::new(ErrorCode::Unavailable, format!("node at {addr}: {e}"));
-    let mut c =
-        proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+    let mut c = admin_at(addr).await?;
     let r = tokio::time::timeout(Duration::from_secs(5), c.status(StatusRequest {}))
         .await
-        .map_err(|_| unreachable("no answer within 5 s".into()))?
-        .map_err(|s| unreachable(s.message().to_string()))?;
+        .map_err(|_| unreachable(addr, "no answer within 5 s".into()))?
+        .map_err(|s| unreachable(addr, s.message().to_string()))?;
     Ok(r.into_inner())
 }
 

@@ -27,3 +27,10 @@ pub use convert::*;
 pub fn request_tag(client_id: u64, seq: u64) -> String {
     format!("{client_id:016x}:{seq:x}")
 }
+
+/// Buckets of every latency histogram the nodes and mounts export, in
+/// seconds: a local read takes tens of microseconds, a commit a few
+/// milliseconds, a call behind an election or failover seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];

@@ -223,6 +223,19 @@ impl TestCluster {
         (report, out.status.success())
     }
 
+    /// Restarts node `i` serving its status page and metrics on a fresh
+    /// address, which it returns.
+    pub async fn restart_with_metrics(&mut self, i: usize) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.kill(i);
+        self.nodes[i]
+            .args
+            .extend(["--metrics-listen".to_string(), addr.clone()]);
+        self.spawn(i);
+        self.wait_up(i).await;
+        addr
+    }
+
     /// Whether node `i`'s process has exited by itself.
     pub fn exited(&mut self, i: usize) -> bool {
         match self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
