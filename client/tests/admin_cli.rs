@@ -93,17 +93,27 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
     })
     .await;
 
-    // Balancing runs every 3 s; group 1 is still node 1's well after.
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let st = c.status(0).await.expect("status of node 1");
-        assert!(
-            st.groups
-                .iter()
-                .any(|g| g.group_id == 1 && g.state == "leader"),
-            "balancing moved the group an operator placed"
-        );
-    }
+    // Node 1 balances three more times; group 1 is still its own after.
+    let passes = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("musicfs_raft_balance_passes_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let before = passes(&scrape(&metrics));
+    wait_for(
+        "three balancing passes",
+        Duration::from_secs(30),
+        || async { (passes(&scrape(&metrics)) >= before + 3).then_some(()) },
+    )
+    .await;
+    let st = c.status(0).await.expect("status of node 1");
+    assert!(
+        st.groups
+            .iter()
+            .any(|g| g.group_id == 1 && g.state == "leader"),
+        "balancing moved the group an operator placed"
+    );
 
     // df: every node, with a disk size.
     let out = musicfs(&c, &["df", "--json"]);
@@ -201,7 +211,7 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
 
 /// Runs headless Chromium on `url` with `args`, bounded in time; returns
 /// its stdout.
-fn chromium(url: &str, args: &[&str]) -> String {
+async fn chromium(url: &str, args: &[&str]) -> String {
     let bin = ["chromium", "chromium-browser"]
         .into_iter()
         .find(|b| {
@@ -214,7 +224,7 @@ fn chromium(url: &str, args: &[&str]) -> String {
             "headless Chromium is needed for this test: `make deps` installs Debian's chromium",
         );
     let profile = tempfile::tempdir().expect("profile dir");
-    let mut child = Command::new(bin)
+    let child = tokio::process::Command::new(bin)
         .args([
             "--headless",
             "--no-sandbox",
@@ -228,25 +238,16 @@ fn chromium(url: &str, args: &[&str]) -> String {
         .arg(url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        // Dropped on timeout: the browser is killed with it.
+        .kill_on_drop(true)
         .spawn()
         .expect("start chromium");
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for chromium") {
-            assert!(status.success(), "chromium failed: {status}");
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
-        .expect("chromium output");
-    out
+    let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+        .await
+        .expect("chromium did not finish within 90 s")
+        .expect("wait for chromium");
+    assert!(out.status.success(), "chromium failed: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,13 +282,13 @@ async fn the_status_page_shows_health_nodes_and_groups_in_a_browser() {
 
     // In a browser: the DOM it renders, and a screenshot of it.
     let url = format!("http://{web}/");
-    let dom = chromium(&url, &["--dump-dom"]);
+    let dom = chromium(&url, &["--dump-dom"]).await;
     assert!(dom.contains("id=\"health\""), "{dom}");
     assert!(dom.contains("HEALTHY"));
     assert!(dom.contains("id=\"groups\""));
     let dir = tempfile::tempdir().expect("tempdir");
     let shot = dir.path().join("status.png");
-    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
+    chromium(&url, &[&format!("--screenshot={}", shot.display())]).await;
     let png = std::fs::read(&shot).expect("screenshot written");
     // Kept for a human to look at when asked to.
     if let Ok(dir) = std::env::var("MUSICFS_TEST_ARTIFACTS") {

@@ -120,6 +120,7 @@ async fn pass(router: &Arc<Router>, recover: bool) {
 /// (group `g` prefers the `g mod n`-th voter) when that node is up to date,
 /// so leaders spread evenly and return to a node that comes back.
 async fn balance(router: &Router) {
+    crate::metrics::raft_balance_pass();
     let me = router.registry().node_id();
     for g in router.registry().groups() {
         if !g.is_leader() {

@@ -40,6 +40,7 @@ pub const RAFT_APPLIED: &str = "musicfs_raft_applied_index";
 pub const RAFT_APPLY_LAG: &str = "musicfs_raft_apply_lag";
 pub const RAFT_IS_LEADER: &str = "musicfs_raft_is_leader";
 pub const RAFT_LEADER_CHANGES: &str = "musicfs_raft_leader_changes_total";
+pub const RAFT_BALANCE_PASSES: &str = "musicfs_raft_balance_passes_total";
 
 /// Installs the recorder; the status page's listener serves what it
 /// renders at `/metrics`.
@@ -120,6 +121,10 @@ pub fn raft_group(group: u32, term: u64, last_log: u64, applied: u64, leader: bo
     metrics::gauge!(RAFT_APPLY_LAG, "group" => g.clone())
         .set(last_log.saturating_sub(applied) as f64);
     metrics::gauge!(RAFT_IS_LEADER, "group" => g).set(if leader { 1.0 } else { 0.0 });
+}
+
+pub fn raft_balance_pass() {
+    metrics::counter!(RAFT_BALANCE_PASSES).increment(1);
 }
 
 pub fn raft_leader_change(group: u32) {
