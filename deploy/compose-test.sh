@@ -3,7 +3,9 @@
 # under its own project name, initialises the cluster, writes a file through
 # the client container's FUSE mount, reads it back, stops one node container
 # and reads it again (through the mount, with the page cache dropped, and
-# with the CLI from another container). Everything is removed at the end.
+# with the CLI from another container). The cluster runs on TLS with
+# certificates made by `musicfs certs init`; the client container, which
+# has no admin token, is refused a drain. Everything is removed at the end.
 #
 #   deploy/compose-test.sh [BIN_DIR]
 set -euo pipefail
@@ -36,12 +38,23 @@ until_ok() {
   return 1
 }
 
-./build-image.sh "${1:-}"
+BIN=${1:-}
+./build-image.sh "$BIN"
+"${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/musicfs/target}/release}/musicfs" certs init --out "$TMP/certs" --nodes 3 >/dev/null
+# The containers read the keys as root; the directory must be reachable.
+chmod 755 "$TMP"
+export MUSICFS_CERTS=$TMP/certs
 "${DC[@]}" up -d
 PEERS=1=node1:7400,2=node2:7400,3=node3:7400
 until_ok "cluster init" 60 "${DC[@]}" exec -T node1 musicfs cluster init --peers "$PEERS"
 mounted() { "${DC[@]}" exec -T client cat /proc/mounts | grep -q ' /mnt/musicfs fuse'; }
 until_ok "the client's mount" 120 mounted
+
+# Destructive admin commands need the token, which the client container lacks.
+rc=0
+"${DC[@]}" exec -T client musicfs node drain 3 --cluster node1:7400 >/dev/null 2>&1 || rc=$?
+[ "$rc" = 4 ] || fail "a drain without the admin token exited $rc, not 4"
+echo "TLS cluster up; a drain without the admin token was refused"
 
 head -c 5000000 /dev/urandom >"$TMP/track.flac"
 want=$(sha256sum <"$TMP/track.flac" | cut -d' ' -f1)

@@ -12,7 +12,6 @@ use proto::admin::{
 };
 use proto::meta::StorageState;
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 use crate::error::{ClientError, Result};
 
@@ -47,8 +46,9 @@ pub fn parse_peers(s: &str) -> Result<Vec<Peer>> {
 }
 
 async fn admin(addr: &str) -> Result<AdminServiceClient<tonic::transport::Channel>> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ClientError::Invalid(format!("bad address {addr}: {e}")))?
+    let ep = crate::transport()
+        .endpoint(addr)
+        .map_err(|e| ClientError::Invalid(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
     let ch = ep
@@ -63,7 +63,7 @@ pub async fn node_status(addr: &str) -> Result<StatusResponse> {
     let st = c
         .status(StatusRequest {})
         .await
-        .map_err(|s| ClientError::Unavailable(format!("{addr}: {}", s.message())))?
+        .map_err(|s| ClientError::from_status(addr, s))?
         .into_inner();
     Ok(st)
 }
@@ -138,16 +138,16 @@ pub async fn init_cluster(peers: &[Peer], opts: InitOptions) -> Result<String> {
     let first = &peers[0];
     let mut c = admin(&first.addr).await?;
     let r = c
-        .init(InitRequest {
+        .init(crate::transport().request(InitRequest {
             cluster_id: cluster_id.clone(),
             peers: peers.to_vec(),
             group_count: groups,
             bootstrap: true,
             replication,
             commit_window_secs,
-        })
+        }))
         .await
-        .map_err(|s| ClientError::Unavailable(format!("{}: {}", first.addr, s.message())))?
+        .map_err(|s| ClientError::from_status(&first.addr, s))?
         .into_inner();
     if let Some(e) = r.error {
         return Err(ClientError::Server(e));
@@ -188,6 +188,9 @@ pub struct NodeView {
     /// Log entries this node has yet to apply, summed over the groups (each
     /// against its leader's applied index).
     pub lag: u64,
+    /// The node's software version (empty when it does not answer): a
+    /// rolling upgrade shows here.
+    pub version: String,
 }
 
 #[derive(Serialize, Debug)]
@@ -378,6 +381,7 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                 chunk_bytes: st.chunk_bytes,
                 disk_free_bytes: st.disk_free_bytes,
                 disk_total_bytes: st.disk_total_bytes,
+                version: st.version.clone(),
                 leader_of,
                 lag: st
                     .groups
@@ -399,6 +403,7 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
                     id: p.node_id,
                     address: p.addr.clone(),
                     up: false,
+                    version: String::new(),
                     error: Some(e.clone()),
                     chunks: 0,
                     chunk_bytes: 0,
@@ -508,12 +513,12 @@ pub fn print_status(v: &ClusterView) {
     }
     println!();
     println!(
-        "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}",
+        "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}  VERSION",
         "NODE", "ADDRESS", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS", "LAG"
     );
     for n in &v.nodes {
         println!(
-            "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}",
+            "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}  {}",
             n.id,
             n.address,
             if n.up { "yes" } else { "NO" },
@@ -521,7 +526,8 @@ pub fn print_status(v: &ClusterView) {
             human(n.chunk_bytes),
             human(n.disk_free_bytes),
             n.leader_of,
-            n.lag
+            n.lag,
+            n.version
         );
     }
     println!();
@@ -657,13 +663,13 @@ pub async fn set_storage_node(
             }
         };
         let r = c
-            .set_storage_node(SetStorageNodeRequest {
+            .set_storage_node(crate::transport().request(SetStorageNodeRequest {
                 node_id,
                 addr: addr.to_string(),
                 state: state as i32,
-            })
+            }))
             .await
-            .map_err(|st| ClientError::Unavailable(format!("{s}: {}", st.message())))?
+            .map_err(|st| ClientError::from_status(s, st))?
             .into_inner();
         return match r.error {
             Some(e) => Err(ClientError::Server(e)),
@@ -687,9 +693,9 @@ pub async fn gc(seeds: &[String], dry_run: bool) -> Result<proto::admin::GcStatu
         let r = async {
             admin(&n.address)
                 .await?
-                .gc(proto::admin::GcRequest { dry_run })
+                .gc(crate::transport().request(proto::admin::GcRequest { dry_run }))
                 .await
-                .map_err(|s| ClientError::Unavailable(format!("{}: {}", n.address, s.message())))
+                .map_err(|s| ClientError::from_status(&n.address, s))
         }
         .await;
         match r {
@@ -708,6 +714,8 @@ pub async fn gc(seeds: &[String], dry_run: bool) -> Result<proto::admin::GcStatu
                     errors.push(format!("node {}: {}", n.id, r.last_error));
                 }
             }
+            // A refusal is the caller's to fix, not a node's failure.
+            Err(e @ ClientError::Denied(_)) => return Err(e),
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -749,12 +757,14 @@ pub async fn transfer_leader(seeds: &[String], group: u32, to: u64) -> Result<()
     // against automatic balancing for a while.
     let r = admin(&to_addr)
         .await?
-        .transfer_leader(proto::admin::TransferLeaderRequest {
-            group_id: group,
-            to_node: to,
-        })
+        .transfer_leader(
+            crate::transport().request(proto::admin::TransferLeaderRequest {
+                group_id: group,
+                to_node: to,
+            }),
+        )
         .await
-        .map_err(|s| ClientError::Unavailable(format!("{to_addr}: {}", s.message())))?
+        .map_err(|s| ClientError::from_status(&to_addr, s))?
         .into_inner();
     if let Some(e) = r.error {
         return Err(ClientError::Server(e));
@@ -788,9 +798,9 @@ pub async fn snapshot_all(seeds: &[String]) -> Result<Vec<(u64, String, Option<S
         let r = async {
             let r = admin(&n.address)
                 .await?
-                .trigger_snapshot(proto::admin::SnapshotRequest {})
+                .trigger_snapshot(crate::transport().request(proto::admin::SnapshotRequest {}))
                 .await
-                .map_err(|s| ClientError::Unavailable(s.message().to_string()))?
+                .map_err(|s| ClientError::from_status(&n.address, s))?
                 .into_inner();
             match r.error {
                 Some(e) => Err(ClientError::Server(e)),
@@ -798,6 +808,9 @@ pub async fn snapshot_all(seeds: &[String]) -> Result<Vec<(u64, String, Option<S
             }
         }
         .await;
+        if let Err(e @ ClientError::Denied(_)) = r {
+            return Err(e);
+        }
         out.push((n.id, n.address.clone(), r.err().map(|e| e.to_string())));
     }
     Ok(out)
@@ -867,10 +880,16 @@ pub async fn scrub_start(seeds: &[String]) -> Result<Vec<String>> {
     let mut failed = Vec::new();
     for (id, addr) in all_nodes(seeds).await? {
         let r = match admin(&addr).await {
-            Ok(mut c) => c
-                .scrub(proto::admin::ScrubRequest {})
+            Ok(mut c) => match c
+                .scrub(crate::transport().request(proto::admin::ScrubRequest {}))
                 .await
-                .map_err(|s| s.message().to_string()),
+            {
+                Ok(_) => Ok(()),
+                Err(s) => match ClientError::from_status(&addr, s) {
+                    e @ ClientError::Denied(_) => return Err(e),
+                    e => Err(e.to_string()),
+                },
+            },
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = r {

@@ -19,7 +19,7 @@ use proto::meta::{
 use proto::storage::chunk_service_client::ChunkServiceClient;
 use proto::storage::{GetChunkRequest, PutChunkRequest};
 use proto::{placement, ChunkId, FORMAT_VERSION, MAX_MESSAGE_BYTES};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{ClientError, Result};
 
@@ -33,6 +33,8 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// Local address to connect from (default: the system's choice).
     pub local_address: Option<std::net::IpAddr>,
+    /// TLS credentials and admin token (default: this process's).
+    pub transport: proto::transport::Transport,
 }
 
 impl ClusterConfig {
@@ -42,6 +44,7 @@ impl ClusterConfig {
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(10),
             local_address: None,
+            transport: crate::transport(),
         }
     }
 }
@@ -323,8 +326,11 @@ impl Cluster {
         if let Some(c) = chans.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Invalid(format!("bad address {addr}: {e}")))?
+        let ep = self
+            .cfg
+            .transport
+            .endpoint(addr)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .local_address(self.cfg.local_address)
             .timeout(self.cfg.rpc_timeout)
@@ -495,6 +501,16 @@ impl Cluster {
         self.propose_as(&id, group, op).await
     }
 
+    /// The tag of a chunk transfer in the nodes' logs: this client's id and
+    /// a number from the same sequence as its commands, so one grep for
+    /// the client finds both.
+    fn transfer_tag(&self) -> String {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        proto::request_tag(self.client_id, seq)
+    }
+
     /// A request id for a command that may have to be sent again after
     /// its call failed without a definite answer (a layout commit the
     /// client retries later). While the id lives, the cluster keeps the
@@ -593,6 +609,7 @@ impl Cluster {
     /// or is full. Succeeds once a majority of the replication factor holds
     /// it durably; returns the nodes that do.
     pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
+        let tag = self.transfer_tag();
         let start = Instant::now();
         let mut backoff = backoff();
         let mut stored: Vec<u64> = Vec::new();
@@ -626,13 +643,16 @@ impl Cluster {
                 let (node, addr, data) = (*node, addr.clone(), data.clone());
                 waiting.push(node);
                 let client = self.chunk_client(&addr);
+                let tag = tag.as_str();
                 pending.push(async move {
                     let res = async {
+                        let mut req = tonic::Request::new(PutChunkRequest {
+                            chunk_id: Bytes::copy_from_slice(&id.0),
+                            data,
+                        });
+                        proto::tag_request(&mut req, tag);
                         let r = client?
-                            .put(PutChunkRequest {
-                                chunk_id: Bytes::copy_from_slice(&id.0),
-                                data,
-                            })
+                            .put(req)
                             .await
                             .map_err(|s| {
                                 ClientError::Unavailable(format!("{addr}: {}", s.message()))
@@ -676,6 +696,7 @@ impl Cluster {
                         }
                     }
                     Err(e) => {
+                        tracing::debug!(req = %tag, %id, node, error = %e, "chunk upload failed");
                         errors.insert(node, e.to_string());
                         failed.push(node);
                     }
@@ -719,6 +740,7 @@ impl Cluster {
         }
         // Replicas that failed recently last (a stable sort keeps the rest).
         order.sort_by_key(|n| self.is_suspect(*n));
+        let tag = self.transfer_tag();
         let start = Instant::now();
         let mut backoff = backoff();
         let mut last = String::new();
@@ -728,12 +750,11 @@ impl Cluster {
                     continue;
                 };
                 let mut c = self.chunk_client(addr)?;
-                match c
-                    .get(GetChunkRequest {
-                        chunk_id: Bytes::copy_from_slice(&id.0),
-                    })
-                    .await
-                {
+                let mut req = tonic::Request::new(GetChunkRequest {
+                    chunk_id: Bytes::copy_from_slice(&id.0),
+                });
+                proto::tag_request(&mut req, &tag);
+                match c.get(req).await {
                     Ok(r) => {
                         self.note_storage(*node, true);
                         let r = r.into_inner();
@@ -750,6 +771,7 @@ impl Cluster {
                     }
                     Err(s) => {
                         self.note_storage(*node, false);
+                        tracing::debug!(req = %tag, %id, node, error = %s.message(), "chunk read failed");
                         last = format!("node {node} ({addr}): {}", s.message());
                     }
                 }

@@ -19,9 +19,27 @@ pub enum ClientError {
     BadHandle(u64),
     #[error("cannot connect to the cluster: {0}")]
     Connect(String),
+    /// The cluster refused the caller: no or a wrong admin token, or a
+    /// certificate that may not make the call.
+    #[error("not allowed: {0}")]
+    Denied(String),
+    /// Reading or writing a local file (put, get) failed.
+    #[error("local file: {0}")]
+    Local(String),
 }
 
 impl ClientError {
+    /// A failed call to the node at `addr`: refusals are told apart from
+    /// a node that could not answer.
+    pub fn from_status(addr: &str, s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                ClientError::Denied(format!("{addr}: {}", s.message()))
+            }
+            _ => ClientError::Unavailable(format!("{addr}: {}", s.message())),
+        }
+    }
+
     pub fn server(code: ErrorCode, msg: impl Into<String>) -> Self {
         ClientError::Server(WireError::new(code, msg))
     }
@@ -81,6 +99,8 @@ impl ClientError {
             ClientError::Connect(_) => libc::EIO,
             ClientError::Invalid(_) => libc::EINVAL,
             ClientError::BadHandle(_) => libc::EBADF,
+            ClientError::Denied(_) => libc::EACCES,
+            ClientError::Local(_) => libc::EIO,
         }
     }
 }

@@ -1116,21 +1116,38 @@ impl Fs {
 
     /// Reads a whole file by path.
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_file_to(path, &mut out, |_, _| {}).await?;
+        Ok(out)
+    }
+
+    /// Copies a file by path into `dst`, 4 MiB at a time (memory stays
+    /// bounded whatever the file's size); `progress(done, size)` follows.
+    /// Returns the bytes copied.
+    pub async fn read_file_to(
+        &self,
+        path: &str,
+        dst: &mut (impl std::io::Write + Send),
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<u64> {
         let attr = self.resolve(path).await?;
         let fh = self.open(attr.ino).await?;
-        let mut out = Vec::with_capacity(attr.size as usize);
         let res = async {
+            let mut done = 0u64;
             loop {
-                let b = self.read(fh, out.len() as u64, 4 << 20).await?;
+                let b = self.read(fh, done, 4 << 20).await?;
                 if b.is_empty() {
-                    return Ok(());
+                    return Ok(done);
                 }
-                out.extend_from_slice(&b);
+                dst.write_all(&b)
+                    .map_err(|e| ClientError::Local(e.to_string()))?;
+                done += b.len() as u64;
+                progress(done, attr.size.max(done));
             }
         }
         .await;
         self.release(fh).await?;
-        res.map(|_| out)
+        res
     }
 
     /// Creates or replaces a regular file by path with `data`.
@@ -1142,6 +1159,33 @@ impl Fs {
 
     /// Creates or replaces the regular file `name` in `parent` with `data`.
     pub async fn write_at(&self, parent: u64, name: &[u8], data: &[u8], perm: u32) -> Result<Attr> {
+        self.write_from(parent, name, &mut &data[..], perm, |_| {})
+            .await
+    }
+
+    /// Creates or replaces a regular file by path with what `src` reads,
+    /// 1 MiB at a time, so memory stays bounded; `progress(done)` follows.
+    pub async fn write_file_from(
+        &self,
+        path: &str,
+        src: &mut (impl std::io::Read + Send),
+        perm: u32,
+        progress: impl FnMut(u64) + Send,
+    ) -> Result<Attr> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = self.resolve(dir).await?;
+        self.write_from(parent.ino, name.as_bytes(), src, perm, progress)
+            .await
+    }
+
+    async fn write_from(
+        &self,
+        parent: u64,
+        name: &[u8],
+        src: &mut (impl std::io::Read + Send),
+        perm: u32,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<Attr> {
         let attr = match self.lookup(parent, name).await {
             Ok(a) => {
                 self.setattr(
@@ -1161,8 +1205,25 @@ impl Fs {
         };
         let fh = self.open(attr.ino).await?;
         let res = async {
-            for (i, piece) in data.chunks(1 << 20).enumerate() {
-                self.write(fh, (i as u64) << 20, piece).await?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            loop {
+                // Fill the buffer: short reads (pipes) would make small writes.
+                let mut n = 0;
+                while n < buf.len() {
+                    match src.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(ClientError::Local(e.to_string())),
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+                self.write(fh, done, &buf[..n]).await?;
+                done += n as u64;
+                progress(done);
             }
             self.flush(fh).await
         }

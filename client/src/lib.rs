@@ -2,6 +2,7 @@
 //! shim over it (`fuse`), and the admin operations the `musicfs` CLI uses.
 
 pub mod admin;
+pub mod certs;
 pub mod conn;
 pub mod error;
 pub mod fs;
@@ -13,3 +14,17 @@ pub mod pattern;
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;
 pub use fs::Fs;
+
+/// The credentials of this process (a mount or an admin command): one
+/// identity per process, set by the binary before it connects; plain TCP
+/// until then.
+static TRANSPORT: std::sync::OnceLock<proto::transport::Transport> = std::sync::OnceLock::new();
+
+/// Sets this process's credentials; false if they were set already.
+pub fn set_transport(t: proto::transport::Transport) -> bool {
+    TRANSPORT.set(t).is_ok()
+}
+
+pub fn transport() -> proto::transport::Transport {
+    TRANSPORT.get().cloned().unwrap_or_default()
+}

@@ -16,8 +16,61 @@ use musicfs_client::{admin, parse_seeds, Cluster, ClusterConfig, Fs};
     about = "MusicFS: a replicated file system for music libraries"
 )]
 struct Cli {
+    /// Directory with the TLS credentials (ca.pem, cert.pem, key.pem) of a
+    /// cluster that runs TLS (`musicfs certs init` makes one: OUT/client).
+    #[arg(long, global = true, env = "MUSICFS_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// File holding the cluster's admin token, needed by commands that
+    /// change the cluster (node add/drain/remove, gc, scrub, snapshot,
+    /// group transfer-leader, cluster init).
+    #[arg(long, global = true, env = "MUSICFS_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Progress bars on stderr for long commands; they draw only on a
+/// terminal, so scripts and logs see the final line alone.
+mod progress {
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    pub fn bytes(len: u64) -> ProgressBar {
+        let bar = ProgressBar::new(len);
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    }
+
+    pub fn count(len: u64, what: &str) -> ProgressBar {
+        let bar = ProgressBar::new(len);
+        if let Ok(style) =
+            ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what} ETA {{eta}}"))
+        {
+            bar.set_style(style);
+        }
+        bar
+    }
+}
+
+/// Exit code of a command the cluster refused (no or a wrong admin token,
+/// a certificate that may not make the call).
+const EXIT_DENIED: i32 = 4;
+
+fn transport(
+    tls_dir: Option<&Path>,
+    token_file: Option<&Path>,
+) -> Result<proto::transport::Transport> {
+    let t = match tls_dir {
+        Some(d) => proto::transport::Transport::tls_from_dir(d)?,
+        None => proto::transport::Transport::plain(),
+    };
+    Ok(match token_file {
+        Some(f) => t.with_token_file(f)?,
+        None => t,
+    })
 }
 
 #[derive(Subcommand)]
@@ -162,6 +215,53 @@ enum Cmd {
     /// elvish, powershell); e.g. `musicfs completions bash >
     /// /etc/bash_completion.d/musicfs`.
     Completions { shell: clap_complete::Shell },
+    /// TLS certificates and the admin token of a cluster.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A new certificate authority, a certificate per node (OUT/node-N),
+    /// one for mounts and admin commands (OUT/client) and an admin token
+    /// (OUT/admin-token). Keep OUT/ca/ca.key off the nodes.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Node certificates to make, for node ids 1..=N.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Extra host names or IP addresses to name in node certificates
+        /// (nodes are checked by the name `musicfs-node`; these are for
+        /// other tools).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// One more certificate from an existing CA: a node added later, or
+    /// another client.
+    Issue {
+        /// The CA's directory (OUT/ca of `certs init`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// A new directory for the credentials.
+        #[arg(long)]
+        out: PathBuf,
+        /// Make a node certificate for this node id.
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        node: Option<u64>,
+        /// Make a client certificate with this name.
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -249,11 +349,16 @@ enum NodeCmd {
     },
     /// Stop placing chunks on a storage node and copy its chunks to the
     /// others; prints how many chunk records still list it. Run again to
-    /// follow progress; when it reports 0 the node can be removed.
+    /// follow progress, or give --wait; when it reports 0 the node can be
+    /// removed.
     Drain {
         #[arg(long, env = "MUSICFS_CLUSTER")]
         cluster: String,
         id: u64,
+        /// Wait until no chunk record lists the node, with a progress bar
+        /// (at most this many seconds; exit code 3 if it is not done then).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
     },
     /// Remove a drained storage node for good (refused while chunks still
     /// depend on it). Its id is never reused.
@@ -273,6 +378,15 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match transport(cli.tls_dir.as_deref(), cli.token_file.as_deref()) {
+        Ok(t) => {
+            musicfs_client::set_transport(t);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -285,7 +399,13 @@ fn main() {
     };
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let denied = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref(),
+                Some(musicfs_client::ClientError::Denied(_))
+            )
+        });
+        std::process::exit(if denied { EXIT_DENIED } else { 1 });
     }
 }
 
@@ -544,18 +664,33 @@ async fn node_cmd(cmd: NodeCmd) -> Result<()> {
                 "storage node {id} at {addr} added; new chunks are placed on it and repair uses it"
             );
         }
-        NodeCmd::Drain { cluster, id } => {
-            let left = admin::set_storage_node(
-                &parse_seeds(&cluster)?,
-                id,
-                "",
-                StorageState::StorageDraining,
-            )
-            .await?;
+        NodeCmd::Drain { cluster, id, wait } => {
+            let seeds = parse_seeds(&cluster)?;
+            let mut left =
+                admin::set_storage_node(&seeds, id, "", StorageState::StorageDraining).await?;
+            if let Some(secs) = wait {
+                let bar = progress::count(left, "chunk records moved");
+                let start = Instant::now();
+                let mut most = left;
+                while left > 0 && start.elapsed() < Duration::from_secs(secs) {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    // Asking again is harmless (the node is draining
+                    // already) and answers with what is left.
+                    left = admin::set_storage_node(&seeds, id, "", StorageState::StorageDraining)
+                        .await?;
+                    most = most.max(left);
+                    bar.set_length(most);
+                    bar.set_position(most - left);
+                }
+                bar.finish_and_clear();
+            }
             if left == 0 {
                 println!("storage node {id} is drained: no chunk depends on it; `musicfs node remove {id}` is safe");
             } else {
                 println!("storage node {id} is draining: {left} chunk record(s) still list it");
+                if wait.is_some() {
+                    std::process::exit(3);
+                }
             }
         }
         NodeCmd::Remove { cluster, id } => {
@@ -576,6 +711,57 @@ async fn connect(cluster: &str, deadline: Duration) -> Result<std::sync::Arc<Clu
     let mut cfg = ClusterConfig::new(parse_seeds(cluster)?);
     cfg.deadline = deadline;
     Ok(Cluster::connect(cfg).await?)
+}
+
+fn certs_cmd(cmd: CertsCmd) -> Result<()> {
+    use musicfs_client::certs;
+    match cmd {
+        CertsCmd::Init {
+            out,
+            nodes,
+            hosts,
+            days,
+        } => {
+            let made = certs::init(&out, nodes, &hosts, days)?;
+            println!(
+                "CA            : {} (keep ca.key offline)",
+                made.ca.display()
+            );
+            for (i, n) in made.nodes.iter().enumerate() {
+                println!(
+                    "node {:<9}: {}  (tls_dir of node {})",
+                    i + 1,
+                    n.display(),
+                    i + 1
+                );
+            }
+            println!(
+                "client        : {}  (--tls-dir / MUSICFS_TLS_DIR)",
+                made.client.display()
+            );
+            println!(
+                "admin token   : {}  (admin_token_file on every node; --token-file for admin commands)",
+                made.token.display()
+            );
+        }
+        CertsCmd::Issue {
+            ca,
+            out,
+            node,
+            client,
+            hosts,
+            days,
+        } => {
+            let subject = match (node, client) {
+                (Some(id), _) => certs::Subject::Node { id, hosts },
+                (None, Some(name)) => certs::Subject::Client { name },
+                (None, None) => bail!("give --node ID or --client NAME"),
+            };
+            certs::issue(&ca, &subject, &out, days)?;
+            println!("credentials written to {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -652,14 +838,36 @@ async fn run(cli: Cli) -> Result<()> {
             local,
         } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
-            let data = fs.read_file(&path).await?;
             // Written next to the target and renamed, so a failed copy never
             // leaves a truncated file under the final name.
             let tmp = local.with_extension("musicfs-partial");
-            std::fs::write(&tmp, &data).with_context(|| format!("writing {}", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?,
+            );
+            let bar = progress::bytes(0);
+            let copied = fs
+                .read_file_to(&path, &mut out, |done, size| {
+                    bar.set_length(size);
+                    bar.set_position(done);
+                })
+                .await;
+            bar.finish_and_clear();
+            let done = copied.map_err(anyhow::Error::from).and_then(|n| {
+                let f = out.into_inner().map_err(|e| e.into_error())?;
+                f.sync_all()?;
+                Ok(n)
+            });
+            let n = match done {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.context(format!("copying {path} to {}", local.display())));
+                }
+            };
             std::fs::rename(&tmp, &local)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), local.display()))?;
-            println!("{path} -> {}: {} bytes", local.display(), data.len());
+            println!("{path} -> {}: {n} bytes", local.display());
         }
         Cmd::Bench {
             cluster,
@@ -682,6 +890,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Certs { cmd } => certs_cmd(cmd)?,
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -806,10 +1015,16 @@ async fn run(cli: Cli) -> Result<()> {
             local,
             path,
         } => {
-            let data =
-                std::fs::read(&local).with_context(|| format!("reading {}", local.display()))?;
+            let mut f = std::fs::File::open(&local)
+                .with_context(|| format!("opening {}", local.display()))?;
+            let size = f.metadata()?.len();
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
-            let a = fs.write_file(&path, &data, 0o644).await?;
+            let bar = progress::bytes(size);
+            let a = fs
+                .write_file_from(&path, &mut f, 0o644, |done| bar.set_position(done))
+                .await;
+            bar.finish_and_clear();
+            let a = a?;
             println!("{path}: {} bytes (inode {})", a.size, a.ino);
         }
         Cmd::Cat { cluster, path } => {

@@ -9,15 +9,7 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{bin_dir, http, scrape, wait_for, TestCluster};
-
-fn musicfs(c: &TestCluster, args: &[&str]) -> Output {
-    Command::new(bin_dir().join("musicfs"))
-        .args(args)
-        .env("MUSICFS_CLUSTER", c.seeds())
-        .output()
-        .expect("run musicfs")
-}
+use common::{http, musicfs, scrape, wait_for, TestCluster};
 
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

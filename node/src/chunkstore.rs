@@ -354,6 +354,19 @@ impl ChunkStore {
 
     /// The chunks (id and size) in leaf directory `leaf` (the first two
     /// bytes of their ids): a scrub walks the 65,536 leaves in order.
+    /// The chunks of the 256 leaves under top-level directory `top`, in
+    /// leaf order.
+    pub fn top(&self, top: u8) -> Result<Vec<(ChunkId, u64)>, ChunkError> {
+        if !self.root.join(format!("{top:02x}")).exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for b in 0..=u8::MAX {
+            out.extend(self.leaf(u16::from_be_bytes([top, b]))?);
+        }
+        Ok(out)
+    }
+
     pub fn leaf(&self, leaf: u16) -> Result<Vec<(ChunkId, u64)>, ChunkError> {
         let [a, b] = leaf.to_be_bytes();
         let dir = self.root.join(format!("{a:02x}")).join(format!("{b:02x}"));

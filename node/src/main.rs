@@ -57,6 +57,13 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9400).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// TLS credentials directory (ca.pem, cert.pem, key.pem); plain TCP
+    /// without it.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// File with the admin token commands that change the cluster must carry.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -159,6 +166,15 @@ fn config(a: Args) -> Result<NodeConfig> {
     }
     if let Some(v) = a.metrics_listen {
         set("metrics_listen", toml::Value::String(v.to_string()));
+    }
+    if let Some(v) = &a.tls_dir {
+        set("tls_dir", toml::Value::String(v.display().to_string()));
+    }
+    if let Some(v) = &a.admin_token_file {
+        set(
+            "admin_token_file",
+            toml::Value::String(v.display().to_string()),
+        );
     }
     let cfg: NodeConfig = toml::Value::Table(table)
         .try_into()

@@ -45,14 +45,19 @@ pub const RAFT_BALANCE_PASSES: &str = "musicfs_raft_balance_passes_total";
 /// Installs the recorder; the status page's listener serves what it
 /// renders at `/metrics`.
 pub fn install() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(RPC_SECONDS.into()),
             &proto::LATENCY_BUCKETS,
         )
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()
-        .map_err(|e| format!("metrics recorder: {e}"))
+        .map_err(|e| format!("metrics recorder: {e}"))?;
+    // Counters of rare events are exported from the start at 0, so a
+    // dashboard shows 0 rather than no data on a node that never saw one.
+    scrub_found(0, 0);
+    gc_reaped(0);
+    Ok(handle)
 }
 
 pub fn worker_bytes(worker: &'static str, n: u64) {

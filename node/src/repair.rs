@@ -28,7 +28,7 @@ use proto::storage::chunk_service_client::ChunkServiceClient;
 use proto::storage::{HasChunksRequest, ReplicateRequest};
 use proto::{placement, ChunkId, MAX_MESSAGE_BYTES};
 use raft::KvView;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::app::ViewKv;
 use crate::namespace::placement::replication_of;
@@ -115,18 +115,27 @@ struct GroupWork {
 }
 
 /// gRPC clients of other nodes' chunk services, one connection per address.
-#[derive(Default)]
 pub struct ChunkClients {
     channels: Mutex<HashMap<String, Channel>>,
+    wire: proto::transport::Transport,
 }
 
 impl ChunkClients {
+    pub fn new(wire: proto::transport::Transport) -> Self {
+        ChunkClients {
+            channels: Mutex::new(HashMap::new()),
+            wire,
+        }
+    }
+
     pub fn get(&self, addr: &str) -> Option<ChunkServiceClient<Channel>> {
         let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let ch = match chans.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let ch = Endpoint::from_shared(format!("http://{addr}"))
+                let ch = self
+                    .wire
+                    .endpoint(addr)
                     .ok()?
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(60))
@@ -145,6 +154,9 @@ impl ChunkClients {
         )
     }
 }
+
+/// Numbers repair's copies for their request tags.
+static COPY_SEQ: AtomicU64 = AtomicU64::new(1);
 
 pub struct Repair {
     router: Arc<Router>,
@@ -570,12 +582,18 @@ impl Repair {
                 continue;
             };
             self.worker.throttle(size).await;
-            let r = c
-                .replicate(ReplicateRequest {
-                    chunk_id: Bytes::copy_from_slice(&id.0),
-                    sources: sources.clone(),
-                })
-                .await;
+            // Repair's copies carry this node's id as the client part of
+            // their tag, so the target's and the source's logs name them.
+            let tag = proto::request_tag(
+                self.router.registry().node_id(),
+                COPY_SEQ.fetch_add(1, Ordering::Relaxed),
+            );
+            let mut req = tonic::Request::new(ReplicateRequest {
+                chunk_id: Bytes::copy_from_slice(&id.0),
+                sources: sources.clone(),
+            });
+            proto::tag_request(&mut req, &tag);
+            let r = c.replicate(req).await;
             match r.map(|r| r.into_inner()) {
                 Ok(r) if r.error.is_none() => {
                     added.push(*t);
@@ -586,10 +604,10 @@ impl Repair {
                 }
                 Ok(r) => {
                     let e = r.error.map(|e| e.message).unwrap_or_default();
-                    tracing::warn!(%id, target = t, error = %e, "replica copy refused");
+                    tracing::warn!(req = %tag, %id, target = t, error = %e, "replica copy refused");
                 }
                 Err(s) => {
-                    tracing::warn!(%id, target = t, error = %s.message(), "replica copy failed");
+                    tracing::warn!(req = %tag, %id, target = t, error = %s.message(), "replica copy failed");
                 }
             }
         }

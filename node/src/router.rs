@@ -17,7 +17,7 @@ use proto::meta::{
 };
 use proto::{FORMAT_VERSION, MAX_MESSAGE_BYTES};
 use raft::{GroupError, KvView, Registry};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::app::ViewKv;
 use crate::coordinator::Groups;
@@ -286,7 +286,10 @@ impl Router {
         let ch = match chans.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let ch = Endpoint::from_shared(format!("http://{addr}"))
+                let ch = self
+                    .registry
+                    .wire()
+                    .endpoint(addr)
                     .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(10))
@@ -375,6 +378,19 @@ fn rpc_err(addr: &str, s: tonic::Status) -> WireError {
     WireError::new(ErrorCode::Unavailable, format!("{addr}: {}", s.message()))
 }
 
+tokio::task_local! {
+    /// The tag (`CLIENT:SEQ`) of the client request the current task works
+    /// for, so the steps it makes in other groups carry it too.
+    pub static REQUEST_TAG: String;
+}
+
+pub fn current_request_tag() -> Option<String> {
+    REQUEST_TAG
+        .try_with(|t| t.clone())
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
 /// A node's own command (no client request id: not deduplicated).
 pub fn internal_command(op: Op) -> Command {
     Command {
@@ -418,15 +434,22 @@ impl Groups for Router {
             async move {
                 let r = match target {
                     None => propose_local(&self.registry, group, cmd).await,
-                    Some(addr) => self
-                        .client(&addr)?
-                        .propose(ProposeRequest {
+                    Some(addr) => {
+                        let mut req = tonic::Request::new(ProposeRequest {
                             group_id: group,
                             command: Some(cmd),
-                        })
-                        .await
-                        .map_err(|s| rpc_err(&addr, s))?
-                        .into_inner(),
+                        });
+                        // The other group's leader logs the client request
+                        // this step belongs to.
+                        if let Some(tag) = current_request_tag() {
+                            proto::tag_request(&mut req, &tag);
+                        }
+                        self.client(&addr)?
+                            .propose(req)
+                            .await
+                            .map_err(|s| rpc_err(&addr, s))?
+                            .into_inner()
+                    }
                 };
                 r.into_result()
             }

@@ -44,6 +44,8 @@ const PAGE: usize = 512;
 /// How long the index pass waits for the other nodes' local passes.
 const WAIT_FOR_PEERS: Duration = Duration::from_secs(3600);
 const LEAVES: u32 = 1 << 16;
+/// Longest a group's index check keeps balancing from moving its leader.
+const INDEX_HOLD: Duration = Duration::from_secs(600);
 /// Node-store key: when the last scrub finished (ms).
 const KEY_SCRUBBED: &str = "scrub_finished_ms";
 
@@ -186,13 +188,16 @@ impl Scrub {
             s.verified_chunks = 0;
             s.verified_bytes = 0;
         });
-        for leaf in 0..LEAVES {
+        // One blocking call per top-level directory (256 leaves): a leaf
+        // at a time costs a thread hand-off per leaf, minutes for 65,536
+        // leaves even when they are empty.
+        for top in 0..=u8::MAX {
             let chunks = self.chunks.clone();
-            let ids = tokio::task::spawn_blocking(move || chunks.leaf(leaf as u16)).await;
+            let ids = tokio::task::spawn_blocking(move || chunks.top(top)).await;
             let ids = match ids {
                 Ok(Ok(ids)) => ids,
                 Ok(Err(e)) => {
-                    tracing::error!(leaf, error = %e, "scrub cannot list chunks");
+                    tracing::error!(top, error = %e, "scrub cannot list chunks");
                     Vec::new()
                 }
                 Err(_) => Vec::new(),
@@ -225,7 +230,7 @@ impl Scrub {
                     Err(_) => {}
                 }
             }
-            self.update(|s| s.leaves_done = leaf + 1);
+            self.update(|s| s.leaves_done = (u32::from(top) + 1) * (LEAVES / 256));
         }
         tracing::info!(status = ?self.status(), "scrub: local pass done");
     }
@@ -265,8 +270,7 @@ impl Scrub {
     }
 
     async fn index_pass(&self, since: u64) {
-        let led = self.router.led_groups();
-        if led.is_empty() {
+        if self.router.led_groups().is_empty() {
             return;
         }
         let nodes = self.router.storage_nodes();
@@ -277,8 +281,22 @@ impl Scrub {
         self.wait_for_peers(&nodes, since).await;
         let addrs: HashMap<u64, String> =
             nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
-        for g in led {
-            if let Err(e) = self.check_group(g, &addrs).await {
+        // The groups led after the wait, not before it: balancing may have
+        // moved leaders meanwhile (a node that returned takes its groups
+        // back), and a group checked by no one would keep its missing
+        // replicas listed.
+        for g in self.router.led_groups() {
+            // Balancing leaves the group here while it is checked; an
+            // operator's hold stays as it was.
+            let held = self.router.holds_leadership(g);
+            if !held {
+                self.router.hold_leadership(g, INDEX_HOLD);
+            }
+            let r = self.check_group(g, &addrs).await;
+            if !held {
+                self.router.release_leadership(g);
+            }
+            if let Err(e) = r {
                 self.worker.error(format!("index pass, group {g}: {e}"));
             }
         }

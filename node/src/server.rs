@@ -63,6 +63,16 @@ pub struct NodeConfig {
     /// Where to serve Prometheus metrics (`/metrics`); none when unset.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS credentials of this node (`ca.pem`, `cert.pem`, `key.pem`, from
+    /// `musicfs certs init`); plain TCP when unset. With TLS every peer and
+    /// client must present a certificate of the cluster's CA.
+    #[serde(default)]
+    pub tls_dir: Option<PathBuf>,
+    /// File holding the admin token that commands changing the cluster must
+    /// carry (node add/drain/remove, gc, scrub, snapshot, transfer-leader,
+    /// init); the same on every node. Unset: no token is asked for.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn default_gc_every_secs() -> u64 {
@@ -134,6 +144,13 @@ pub enum NodeError {
     Server(#[from] tonic::transport::Error),
     #[error("{0}")]
     Metrics(String),
+    #[error("credentials: {0}")]
+    Credentials(#[from] proto::transport::TransportError),
+    #[error(
+        "{0}: the certificate is a client's; a node needs a node certificate \
+         (`musicfs certs issue --ca CA_DIR --node ID --out DIR`)"
+    )]
+    NotANodeCertificate(String),
 }
 
 fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -164,6 +181,25 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
     Ok(DirLock(f))
 }
 
+/// The node's TLS credentials and admin token, checked before anything
+/// else starts so a wrong file fails the start with its name.
+fn credentials(cfg: &NodeConfig) -> Result<proto::transport::Transport, NodeError> {
+    let wire = match &cfg.tls_dir {
+        Some(dir) => {
+            let t = proto::transport::Transport::tls_from_dir(dir)?;
+            if !t.holds_node_certificate() {
+                return Err(NodeError::NotANodeCertificate(dir.display().to_string()));
+            }
+            t
+        }
+        None => proto::transport::Transport::plain(),
+    };
+    Ok(match &cfg.admin_token_file {
+        Some(f) => wire.with_token_file(f)?,
+        None => wire,
+    })
+}
+
 /// How long a stopping node waits for requests in flight.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -175,6 +211,7 @@ pub async fn run(
     if cfg.id == 0 {
         return Err(NodeError::BadId);
     }
+    let wire = credentials(&cfg)?;
     std::fs::create_dir_all(&cfg.data).map_err(data_err(&cfg.data))?;
     let _lock = lock_dir(&cfg.data)?;
     let store = Store::open(&cfg.data.join("meta"))?;
@@ -218,6 +255,7 @@ pub async fn run(
         Arc::new(NamespaceApp),
         settings,
         snap_root.clone(),
+        wire.clone(),
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -235,7 +273,7 @@ pub async fn run(
         registry: registry.clone(),
         router: router.clone(),
     });
-    let clients = Arc::new(ChunkClients::default());
+    let clients = Arc::new(ChunkClients::new(registry.wire().clone()));
     let repair = Repair::new(
         router.clone(),
         RepairConfig {
@@ -296,7 +334,7 @@ pub async fn run(
             handle,
         )))
     });
-    tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), "node started");
+    tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), tls = wire.is_tls(), admin_token = wire.token().is_some(), "node started");
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
     // Requests still waiting (a proposal behind a partition, a read behind
@@ -309,15 +347,22 @@ pub async fn run(
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = wire.server_tls() {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .layer(crate::metrics::RpcLayer)
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
-        .add_service(
+        // Raft messages only from nodes: a client certificate must not
+        // be able to append to or vote in a group.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             RaftServiceServer::new(raft_svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            |req: tonic::Request<()>| proto::transport::check_node(&req).map(|()| req),
+        ))
         .add_service(
             MetaServiceServer::from_arc(meta)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -349,4 +394,30 @@ pub async fn run(
     registry.shutdown().await;
     tracing::info!(id = cfg.id, "node stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeConfig;
+
+    /// The sample configuration and the one in docs/OPERATIONS.md name only
+    /// fields a node takes (unknown fields fail the start).
+    #[test]
+    fn the_documented_configurations_parse() {
+        let sample: NodeConfig =
+            toml::from_str(include_str!("../../deploy/node.toml")).expect("deploy/node.toml");
+        assert_eq!(
+            sample.tls_dir.as_deref(),
+            Some(std::path::Path::new("/etc/musicfs/tls"))
+        );
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let block = doc
+            .split("```toml")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block in OPERATIONS.md");
+        let documented: NodeConfig = toml::from_str(block).expect("OPERATIONS.md's node.toml");
+        assert!(documented.admin_token_file.is_some());
+        assert_eq!(documented.gc_every_secs, 60);
+    }
 }

@@ -27,6 +27,7 @@ use proto::storage::{
     HasChunksResponse, PutChunkRequest, PutChunkResponse, ReplicateRequest, ReplicateResponse,
     ScrubProgressRequest, ScrubStatus,
 };
+use proto::transport::Transport;
 use proto::ChunkId;
 use raft::{KvView, Registry};
 use tonic::{Request, Response, Status};
@@ -127,12 +128,18 @@ impl MetaSvc {
             }
         };
         let (router, cmd) = (self.router.clone(), cmd.clone());
-        tokio::spawn(async move {
+        let tag = crate::router::current_request_tag().unwrap_or_default();
+        let work = async move {
             match batch {
                 Some(b) => coordinator::mkdir_batch(&*router, group_id, count, &cmd, b).await,
                 None => coordinator::run(&*router, group_id, count, &cmd).await,
             }
-        })
+        };
+        // The task keeps the request's span and tag: its steps log them.
+        tokio::spawn(tracing::Instrument::instrument(
+            crate::router::REQUEST_TAG.scope(tag, work),
+            tracing::Span::current(),
+        ))
         .await
         .unwrap_or_else(|e| CommandResult {
             error: Some(WireError::new(ErrorCode::Internal, e.to_string())),
@@ -172,6 +179,7 @@ impl MetaService for MetaSvc {
         &self,
         request: Request<ProposeRequest>,
     ) -> Result<Response<CommandResult>, Status> {
+        let forwarded_tag = proto::request_tag_of(&request);
         let req = request.into_inner();
         let Some(cmd) = req.command else {
             return Ok(Response::new(CommandResult {
@@ -194,14 +202,20 @@ impl MetaService for MetaSvc {
         #[cfg(feature = "failpoints")]
         let client = cmd.client_id;
         // Every log line of the request, here and in the transactions it
-        // runs, carries the id the client logs too (CLIENT:SEQ in hex).
-        let span = tracing::info_span!(
-            "propose",
-            req = %proto::request_tag(cmd.client_id, cmd.request_seq),
-            group = req.group_id
-        );
-        let r =
-            tracing::Instrument::instrument(self.propose_command(req.group_id, cmd), span).await;
+        // runs, carries the id the client logs too (CLIENT:SEQ in hex); a
+        // node's step of another node's transaction carries that client's.
+        let tag = if cmd.client_id != 0 {
+            proto::request_tag(cmd.client_id, cmd.request_seq)
+        } else {
+            forwarded_tag.unwrap_or_default()
+        };
+        let span = tracing::info_span!("propose", req = %tag, group = req.group_id);
+        let r = crate::router::REQUEST_TAG
+            .scope(
+                tag,
+                tracing::Instrument::instrument(self.propose_command(req.group_id, cmd), span),
+            )
+            .await;
         if let Some(e) = &r.error {
             crate::metrics::meta_error("propose", e.code().as_str_name());
         }
@@ -267,6 +281,7 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<PutChunkRequest>,
     ) -> Result<Response<PutChunkResponse>, Status> {
+        let tag = proto::request_tag_of(&request).unwrap_or_default();
         let req = request.into_inner();
         let id = match parse_id(&req.chunk_id) {
             Ok(id) => id,
@@ -278,16 +293,20 @@ impl ChunkService for ChunkSvc {
             }
         };
         let store = self.store.clone();
+        let len = req.data.len();
         let res = tokio::task::spawn_blocking(move || store.put(&id, &req.data))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(match res {
-            Ok(stored) => PutChunkResponse {
-                error: None,
-                stored,
-            },
+            Ok(stored) => {
+                tracing::debug!(req = %tag, %id, bytes = len, new = stored, "chunk stored");
+                PutChunkResponse {
+                    error: None,
+                    stored,
+                }
+            }
             Err(e) => {
-                tracing::warn!(%id, error = %e, "chunk put refused");
+                tracing::warn!(req = %tag, %id, error = %e, "chunk put refused");
                 PutChunkResponse {
                     error: Some(chunk_error(&e)),
                     stored: false,
@@ -300,6 +319,7 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<GetChunkRequest>,
     ) -> Result<Response<GetChunkResponse>, Status> {
+        let tag = proto::request_tag_of(&request).unwrap_or_default();
         let req = request.into_inner();
         let id = match parse_id(&req.chunk_id) {
             Ok(id) => id,
@@ -315,13 +335,17 @@ impl ChunkService for ChunkSvc {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(match res {
-            Ok(d) => GetChunkResponse {
-                error: None,
-                data: Bytes::from(d),
-            },
+            Ok(d) => {
+                tracing::debug!(req = %tag, %id, bytes = d.len(), "chunk read");
+                GetChunkResponse {
+                    error: None,
+                    data: Bytes::from(d),
+                }
+            }
             Err(e) => {
+                tracing::debug!(req = %tag, %id, error = %e, "chunk read failed");
                 if matches!(e, ChunkError::Corrupt { .. }) {
-                    tracing::error!(%id, error = %e, "corrupt chunk on disk");
+                    tracing::error!(req = %tag, %id, error = %e, "corrupt chunk on disk");
                     // Never read it again; a scrub then finds the replica
                     // missing and repair copies a good one back.
                     let store = self.store.clone();
@@ -359,6 +383,7 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<DeleteChunksRequest>,
     ) -> Result<Response<DeleteChunksResponse>, Status> {
+        proto::transport::check_node(&request)?;
         let req = request.into_inner();
         let ids = match parse_ids(&req.chunk_ids) {
             Ok(ids) => ids,
@@ -406,6 +431,8 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
+        proto::transport::check_node(&request)?;
+        let tag = proto::request_tag_of(&request).unwrap_or_default();
         let req = request.into_inner();
         let reply = |error: Option<WireError>, bytes: u64| {
             Ok(Response::new(ReplicateResponse { error, bytes }))
@@ -432,12 +459,11 @@ impl ChunkService for ChunkSvc {
                 errors.push(format!("{src}: bad address"));
                 continue;
             };
-            let r = match c
-                .get(GetChunkRequest {
-                    chunk_id: req.chunk_id.clone(),
-                })
-                .await
-            {
+            let mut get = Request::new(GetChunkRequest {
+                chunk_id: req.chunk_id.clone(),
+            });
+            proto::tag_request(&mut get, &tag);
+            let r = match c.get(get).await {
                 Ok(r) => r.into_inner(),
                 Err(s) => {
                     errors.push(format!("{src}: {}", s.message()));
@@ -457,6 +483,7 @@ impl ChunkService for ChunkSvc {
             let res = tokio::task::spawn_blocking(move || store.put(&id, &data))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::debug!(req = %tag, %id, from = %src, bytes = len, ok = res.is_ok(), "replica copied");
             return match res {
                 Ok(_) => reply(None, len),
                 Err(e) => reply(Some(chunk_error(&e)), 0),
@@ -482,6 +509,19 @@ pub struct AdminSvc {
 }
 
 impl AdminSvc {
+    /// Lets a call that changes the cluster through if it carries the admin
+    /// token (when one is configured) or comes from a node; logs refusals.
+    fn allow<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        proto::transport::check_admin(request, self.registry.wire().token()).inspect_err(|s| {
+            tracing::warn!(
+                call = what,
+                peer = ?request.remote_addr(),
+                reason = s.message(),
+                "admin call refused"
+            );
+        })
+    }
+
     /// Proposes each group's InitOp (root directory, cluster id) through
     /// whichever node leads it, retrying until done or `timeout`.
     async fn init_groups(
@@ -513,7 +553,7 @@ impl AdminSvc {
                 let mut res = self.meta.propose_command(g, cmd.clone()).await;
                 if let Some(e) = &res.error {
                     if e.code() == ErrorCode::NotLeader && !e.leader_addr.is_empty() {
-                        res = forward(&e.leader_addr, g, cmd).await;
+                        res = forward(self.registry.wire(), &e.leader_addr, g, cmd).await;
                     }
                 }
                 match res.error {
@@ -589,7 +629,9 @@ impl AdminSvc {
         match state {
             StorageState::StorageActive if known.is_none() => {
                 // A node joins only if it answers as the node it is said to be.
-                let st = status_of(&req.addr).await.map_err(|e| (e, 0))?;
+                let st = status_of(self.registry.wire(), &req.addr)
+                    .await
+                    .map_err(|e| (e, 0))?;
                 if st.node_id != req.node_id {
                     return Err((
                         WireError::new(
@@ -607,6 +649,7 @@ impl AdminSvc {
                     // A storage-only node learns the cluster and where its
                     // metadata lives.
                     join(
+                        self.registry.wire(),
                         &req.addr,
                         &ours,
                         self.meta_peers(),
@@ -687,24 +730,38 @@ fn unreachable(addr: &str, e: String) -> WireError {
 
 /// The admin service of the node at `addr`.
 async fn admin_at(
+    wire: &Transport,
     addr: &str,
 ) -> Result<
     proto::admin::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
     WireError,
 > {
-    proto::admin::admin_service_client::AdminServiceClient::connect(format!("http://{addr}"))
+    let ep = wire
+        .endpoint(addr)
+        .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?;
+    let ch = ep
+        .connect()
         .await
-        .map_err(|e| unreachable(addr, e.to_string()))
+        .map_err(|e| unreachable(addr, e.to_string()))?;
+    Ok(proto::admin::admin_service_client::AdminServiceClient::new(
+        ch,
+    ))
 }
 
-async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Result<(), WireError> {
-    let mut c = admin_at(addr).await?;
+async fn join(
+    wire: &Transport,
+    addr: &str,
+    cluster: &str,
+    peers: Vec<Peer>,
+    groups: u32,
+) -> Result<(), WireError> {
+    let mut c = admin_at(wire, addr).await?;
     let r = c
-        .join(JoinRequest {
+        .join(wire.request(JoinRequest {
             cluster_id: cluster.to_string(),
             peers,
             group_count: groups,
-        })
+        }))
         .await
         .map_err(|s| unreachable(addr, s.message().to_string()))?
         .into_inner();
@@ -715,12 +772,19 @@ async fn join(addr: &str, cluster: &str, peers: Vec<Peer>, groups: u32) -> Resul
 }
 
 /// Asks the node at `addr` (a group's leader) to hand the group over.
-async fn transfer_at(addr: &str, req: TransferLeaderRequest) -> Result<(), WireError> {
-    let mut c = admin_at(addr).await?;
-    let r = tokio::time::timeout(Duration::from_secs(10), c.transfer_leader(req))
-        .await
-        .map_err(|_| unreachable(addr, "no answer within 10 s".into()))?
-        .map_err(|s| unreachable(addr, s.message().to_string()))?;
+async fn transfer_at(
+    wire: &Transport,
+    addr: &str,
+    req: TransferLeaderRequest,
+) -> Result<(), WireError> {
+    let mut c = admin_at(wire, addr).await?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.transfer_leader(wire.request(req)),
+    )
+    .await
+    .map_err(|_| unreachable(addr, "no answer within 10 s".into()))?
+    .map_err(|s| unreachable(addr, s.message().to_string()))?;
     match r.into_inner().error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -728,8 +792,8 @@ async fn transfer_at(addr: &str, req: TransferLeaderRequest) -> Result<(), WireE
 }
 
 /// A node's status, for checking who answers at an address.
-async fn status_of(addr: &str) -> Result<StatusResponse, WireError> {
-    let mut c = admin_at(addr).await?;
+async fn status_of(wire: &Transport, addr: &str) -> Result<StatusResponse, WireError> {
+    let mut c = admin_at(wire, addr).await?;
     let r = tokio::time::timeout(Duration::from_secs(5), c.status(StatusRequest {}))
         .await
         .map_err(|_| unreachable(addr, "no answer within 5 s".into()))?
@@ -737,9 +801,10 @@ async fn status_of(addr: &str) -> Result<StatusResponse, WireError> {
     Ok(r.into_inner())
 }
 
-async fn forward(addr: &str, group: u32, cmd: Command) -> CommandResult {
+async fn forward(wire: &Transport, addr: &str, group: u32, cmd: Command) -> CommandResult {
     let res = async {
-        let mut c = MetaServiceClient::connect(format!("http://{addr}")).await?;
+        let ch = wire.endpoint(addr)?.connect().await?;
+        let mut c = MetaServiceClient::new(ch);
         let r = c
             .propose(ProposeRequest {
                 group_id: group,
@@ -758,6 +823,7 @@ async fn forward(addr: &str, group: u32, cmd: Command) -> CommandResult {
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn init(&self, request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        self.allow(&request, "cluster init")?;
         let req = request.into_inner();
         let fail = |code, msg: String| {
             Ok(Response::new(InitResponse {
@@ -913,6 +979,7 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.allow(&request, "group transfer-leader")?;
         let req = request.into_inner();
         let fail = |code, msg: String| {
             Ok(Response::new(TransferLeaderResponse {
@@ -954,7 +1021,7 @@ impl AdminService for AdminSvc {
                     ErrorCode::Unavailable,
                     format!("group {} has no leader now", req.group_id),
                 )),
-                addr => transfer_at(addr, req).await,
+                addr => transfer_at(self.registry.wire(), addr, req).await,
             };
             if r.is_err() {
                 router.release_leadership(req.group_id);
@@ -981,6 +1048,7 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<SetStorageNodeRequest>,
     ) -> Result<Response<SetStorageNodeResponse>, Status> {
+        self.allow(&request, "node add/drain/remove")?;
         let req = request.into_inner();
         Ok(Response::new(match self.storage_node_change(req).await {
             Ok(remaining) => SetStorageNodeResponse {
@@ -995,13 +1063,15 @@ impl AdminService for AdminSvc {
     }
 
     async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcStatus>, Status> {
-        if !request.into_inner().dry_run {
+        if !request.get_ref().dry_run {
+            self.allow(&request, "gc")?;
             self.gc.kick();
         }
         Ok(Response::new(self.gc.status().await))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        self.allow(&request, "join")?;
         let req = request.into_inner();
         let fail = |code, msg: String| {
             Ok(Response::new(JoinResponse {
@@ -1030,16 +1100,18 @@ impl AdminService for AdminSvc {
 
     async fn scrub(
         &self,
-        _request: Request<ScrubRequest>,
+        request: Request<ScrubRequest>,
     ) -> Result<Response<ScrubResponse>, Status> {
+        self.allow(&request, "scrub start")?;
         self.scrub.start();
         Ok(Response::new(ScrubResponse { error: None }))
     }
 
     async fn trigger_snapshot(
         &self,
-        _request: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotResponse>, Status> {
+        self.allow(&request, "snapshot")?;
         for g in self.registry.groups() {
             if let Err(e) = g.trigger_snapshot().await {
                 return Ok(Response::new(SnapshotResponse {

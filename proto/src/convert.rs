@@ -204,12 +204,15 @@ impl Timespec {
         SystemTime::now().into()
     }
 
-    /// Milliseconds since 1970 (0 before it).
+    /// Milliseconds since 1970 (0 before it; saturating: a time comes from
+    /// the network and may be anything).
     pub fn as_millis(&self) -> u64 {
         if self.sec < 0 {
             return 0;
         }
-        self.sec as u64 * 1000 + u64::from(self.nsec / 1_000_000)
+        (self.sec as u64)
+            .saturating_mul(1000)
+            .saturating_add(u64::from(self.nsec / 1_000_000))
     }
 }
 
@@ -239,19 +242,53 @@ impl From<SystemTime> for Timespec {
     }
 }
 
+/// Seconds either side of 1970 a time is clamped to when it becomes a
+/// `SystemTime` (about 34,000 years): any stored value converts without
+/// overflowing.
+const MAX_TIME_SECS: u64 = 1 << 40;
+
 impl From<Timespec> for SystemTime {
     fn from(t: Timespec) -> Self {
+        let nsec = t.nsec.min(999_999_999);
         if t.sec >= 0 {
-            UNIX_EPOCH + std::time::Duration::new(t.sec as u64, t.nsec)
+            UNIX_EPOCH + std::time::Duration::new((t.sec as u64).min(MAX_TIME_SECS), nsec)
         } else {
-            UNIX_EPOCH - std::time::Duration::from_secs(t.sec.unsigned_abs())
-                + std::time::Duration::from_nanos(u64::from(t.nsec))
+            UNIX_EPOCH - std::time::Duration::from_secs(t.sec.unsigned_abs().min(MAX_TIME_SECS))
+                + std::time::Duration::from_nanos(u64::from(nsec))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn any_stored_time_converts_without_overflow() {
+        use super::Timespec;
+        use std::time::SystemTime;
+        for (sec, nsec) in [
+            (i64::MAX, u32::MAX),
+            (i64::MIN, u32::MAX),
+            (0, 2_000_000_000),
+        ] {
+            let t = Timespec { sec, nsec };
+            let _ = SystemTime::from(t);
+            let _ = t.as_millis();
+        }
+        assert_eq!(
+            Timespec {
+                sec: i64::MAX,
+                nsec: 0
+            }
+            .as_millis(),
+            u64::MAX
+        );
+        let t = Timespec {
+            sec: 1_700_000_000,
+            nsec: 5,
+        };
+        assert_eq!(Timespec::from(SystemTime::from(t)), t);
+    }
+
     #[test]
     fn chunk_ids_round_trip_through_hex() {
         let id = super::ChunkId::of(b"abc");

@@ -234,9 +234,10 @@ impl Registry {
         app: Arc<dyn Application>,
         settings: RaftSettings,
         snap_root: PathBuf,
+        wire: proto::transport::Transport,
     ) -> Result<Arc<Self>, GroupError> {
         let cluster_id = store.node_get(KEY_CLUSTER)?.unwrap_or_default();
-        let transport = Transport::new(node_id, cluster_id.clone());
+        let transport = Transport::new(node_id, cluster_id.clone(), wire);
         let reg = Arc::new(Registry {
             node_id,
             store,
@@ -260,6 +261,11 @@ impl Registry {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// How this node connects to others (TLS credentials, admin token).
+    pub fn wire(&self) -> &proto::transport::Transport {
+        self.transport.wire()
     }
 
     pub fn cluster_id(&self) -> String {

@@ -23,7 +23,7 @@ use proto::raft::raft_service_client::RaftServiceClient;
 use proto::raft::raft_service_server::RaftService;
 use proto::MAX_MESSAGE_BYTES;
 use tokio::io::AsyncWriteExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, Vote};
@@ -51,17 +51,19 @@ pub struct Transport {
     node_id: u64,
     cluster_id: RwLock<String>,
     channels: Mutex<HashMap<String, Channel>>,
+    wire: proto::transport::Transport,
     /// Peers that stopped answering, and since when: logged once when they
     /// go and once when they return, not on every heartbeat of every group.
     down: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Transport {
-    pub fn new(node_id: u64, cluster_id: String) -> Arc<Self> {
+    pub fn new(node_id: u64, cluster_id: String, wire: proto::transport::Transport) -> Arc<Self> {
         Arc::new(Transport {
             node_id,
             cluster_id: RwLock::new(cluster_id),
             channels: Mutex::new(HashMap::new()),
+            wire,
             down: Mutex::new(HashMap::new()),
         })
     }
@@ -109,12 +111,19 @@ impl Transport {
             .clone()
     }
 
-    fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, tonic::transport::Error> {
+    pub fn wire(&self) -> &proto::transport::Transport {
+        &self.wire
+    }
+
+    fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
         let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let ch = match chans.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let ep = Endpoint::from_shared(format!("http://{addr}"))?
+                let ep = self
+                    .wire
+                    .endpoint(addr)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)

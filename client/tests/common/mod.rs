@@ -37,6 +37,15 @@ pub fn free_port() -> u16 {
     panic!("no fresh free port after 1000 tries");
 }
 
+/// Runs the `musicfs` CLI against `c` (its seeds in MUSICFS_CLUSTER).
+pub fn musicfs(c: &TestCluster, args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("musicfs"))
+        .args(args)
+        .env("MUSICFS_CLUSTER", c.seeds())
+        .output()
+        .expect("run musicfs")
+}
+
 /// Polls `f` until it returns `Some`, or panics naming `what` after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
 where
@@ -74,6 +83,43 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` nodes; `extra` flags go to every node.
     pub async fn start(n: usize, extra: &[&str]) -> TestCluster {
+        Self::layout(n, extra).launch().await
+    }
+
+    /// Starts `n` nodes that speak TLS with certificates of a new CA and ask
+    /// for an admin token; this test process uses the client certificate and
+    /// the token (one identity per process: call once per test binary).
+    /// The credentials are in `certs_dir()`, with one spare node's (n + 1).
+    pub async fn start_secure(n: usize) -> TestCluster {
+        let mut c = Self::layout(n, &[]);
+        let certs = c.certs_dir();
+        musicfs_client::certs::init(&certs, n as u64 + 1, &[], 30).expect("certs init");
+        for node in &mut c.nodes {
+            node.args = vec![
+                "--tls-dir".into(),
+                certs
+                    .join(format!("node-{}", node.id))
+                    .display()
+                    .to_string(),
+                "--admin-token-file".into(),
+                certs.join("admin-token").display().to_string(),
+            ];
+        }
+        let t = proto::transport::Transport::tls_from_dir(&certs.join("client"))
+            .and_then(|t| t.with_token_file(&certs.join("admin-token")))
+            .expect("client credentials");
+        assert!(
+            musicfs_client::set_transport(t),
+            "credentials were set already in this test process"
+        );
+        c.launch().await
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    fn layout(n: usize, extra: &[&str]) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("musicfs-test")
             .tempdir()
@@ -90,19 +136,30 @@ impl TestCluster {
                 env: Vec::new(),
             });
         }
-        let mut c = TestCluster { dir, nodes };
-        for i in 0..n {
-            c.spawn(i);
+        TestCluster { dir, nodes }
+    }
+
+    async fn launch(mut self) -> TestCluster {
+        for i in 0..self.nodes.len() {
+            self.spawn(i);
         }
-        for i in 0..n {
-            c.wait_up(i).await;
+        for i in 0..self.nodes.len() {
+            self.wait_up(i).await;
         }
-        c
+        self
     }
 
     /// Starts one more node (not a cluster member until `musicfs node
     /// add`); returns its index.
     pub async fn add_node(&mut self, extra: &[&str]) -> usize {
+        let i = self.spawn_new_node(extra);
+        self.wait_up(i).await;
+        i
+    }
+
+    /// Starts one more node without waiting for it to answer; returns its
+    /// index.
+    pub fn spawn_new_node(&mut self, extra: &[&str]) -> usize {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         self.nodes.push(Node {
             id,
@@ -114,7 +171,6 @@ impl TestCluster {
         });
         let i = self.nodes.len() - 1;
         self.spawn(i);
-        self.wait_up(i).await;
         i
     }
 
@@ -246,6 +302,29 @@ impl TestCluster {
             Some(_) => false,
             None => true,
         }
+    }
+
+    /// Stops node `i` the way an init system does (SIGTERM) and waits up
+    /// to 30 s for it to exit; panics if it does not.
+    pub async fn stop(&mut self, i: usize) {
+        let Some(mut c) = self.nodes[i].child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the pid of a child this test started and has
+        // not reaped yet.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let id = self.nodes[i].id;
+        wait_for(
+            &format!("node {id} to exit on SIGTERM"),
+            Duration::from_secs(30),
+            || {
+                let done = matches!(c.try_wait(), Ok(Some(_)));
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
     }
 
     pub fn kill(&mut self, i: usize) {

@@ -1,0 +1,338 @@
+//! How nodes, mounts and admin commands reach each other: plain TCP on a
+//! trusted network, or TLS with the cluster's certificates (mutual: every
+//! connection presents a certificate signed by the cluster's CA), plus the
+//! admin token that destructive admin calls carry.
+//!
+//! A directory of credentials (`musicfs certs init` writes one per node and
+//! one for clients) holds `ca.pem`, `cert.pem` and `key.pem`. Every node
+//! certificate names [`NODE_NAME`], whatever its host: callers check that
+//! they talk to a node of this cluster, not to a particular host, so
+//! addresses can change without new certificates. Client certificates do
+//! not carry that name, which is how a node tells a node from a client.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// The DNS name in every node certificate.
+pub const NODE_NAME: &str = "musicfs-node";
+pub const CA_FILE: &str = "ca.pem";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+/// Shortest admin token accepted: guessing it must be out of reach.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    BadFile { path: PathBuf, why: String },
+    #[error("bad address {addr}: {why}")]
+    BadAddress { addr: String, why: String },
+}
+
+struct Tls {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// The credentials a process uses on every connection it makes or accepts.
+#[derive(Clone, Default)]
+pub struct Transport {
+    tls: Option<Arc<Tls>>,
+    token: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for Transport {
+    // Never prints the key or the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+fn read(path: PathBuf) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(&path).map_err(|source| TransportError::Read { path, source })
+}
+
+/// Checks that a PEM file holds what it should, so a wrong file is named
+/// when the process starts rather than at the first handshake.
+fn expect_pem(path: &Path, bytes: &[u8], label: &str) -> Result<(), TransportError> {
+    let text = String::from_utf8_lossy(bytes);
+    if text.contains(&format!("-----BEGIN {label}")) {
+        Ok(())
+    } else {
+        Err(TransportError::BadFile {
+            path: path.to_path_buf(),
+            why: format!("holds no PEM {label}"),
+        })
+    }
+}
+
+impl Transport {
+    /// Plain TCP, no token.
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// TLS with the credentials in `dir` (`ca.pem`, `cert.pem`, `key.pem`).
+    pub fn tls_from_dir(dir: &Path) -> Result<Self, TransportError> {
+        let ca = read(dir.join(CA_FILE))?;
+        expect_pem(&dir.join(CA_FILE), &ca, "CERTIFICATE")?;
+        let cert = read(dir.join(CERT_FILE))?;
+        expect_pem(&dir.join(CERT_FILE), &cert, "CERTIFICATE")?;
+        let key = read(dir.join(KEY_FILE))?;
+        expect_pem(&dir.join(KEY_FILE), &key, "PRIVATE KEY")?;
+        Ok(Transport {
+            tls: Some(Arc::new(Tls { ca, cert, key })),
+            token: None,
+        })
+    }
+
+    /// The same credentials plus the admin token read from `path` (one
+    /// line; surrounding white space ignored).
+    pub fn with_token_file(self, path: &Path) -> Result<Self, TransportError> {
+        let raw = read(path.to_path_buf())?;
+        let token = String::from_utf8(raw).map_err(|_| TransportError::BadFile {
+            path: path.to_path_buf(),
+            why: "the token is not UTF-8".into(),
+        })?;
+        self.with_token(token.trim())
+            .map_err(|why| TransportError::BadFile {
+                path: path.to_path_buf(),
+                why,
+            })
+    }
+
+    pub fn with_token(mut self, token: &str) -> Result<Self, String> {
+        check_token(token)?;
+        self.token = Some(token.into());
+        Ok(self)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether the certificate this process presents is a node's (a node
+    /// started with a client's credentials is refused at start).
+    pub fn holds_node_certificate(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| {
+            x509_parser::pem::parse_x509_pem(&t.cert)
+                .is_ok_and(|(_, pem)| is_node_certificate(&pem.contents))
+        })
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// An endpoint for `addr` (`host:port`), over TLS when configured.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, TransportError> {
+        let bad = |why: String| TransportError::BadAddress {
+            addr: addr.to_string(),
+            why,
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let ep =
+            Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| bad(e.to_string()))?;
+        match &self.tls {
+            None => Ok(ep),
+            Some(t) => ep
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(&t.ca))
+                        .identity(Identity::from_pem(&t.cert, &t.key))
+                        .domain_name(NODE_NAME),
+                )
+                .map_err(|e| bad(e.to_string())),
+        }
+    }
+
+    /// The server side: this node's certificate, and a client certificate
+    /// signed by the cluster's CA required of every connection.
+    pub fn server_tls(&self) -> Option<ServerTlsConfig> {
+        self.tls.as_ref().map(|t| {
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&t.cert, &t.key))
+                .client_ca_root(Certificate::from_pem(&t.ca))
+        })
+    }
+
+    /// Puts the admin token (if any) on a request.
+    pub fn authorize<T>(&self, req: &mut tonic::Request<T>) {
+        if let Some(t) = &self.token {
+            if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
+                req.metadata_mut().insert(AUTHORIZATION, v);
+            }
+        }
+    }
+
+    /// A request carrying `msg` and the admin token.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        self.authorize(&mut r);
+        r
+    }
+}
+
+const AUTHORIZATION: &str = "authorization";
+
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the admin token is {} characters; at least {MIN_TOKEN_LEN} are needed",
+            token.len()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the admin token must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+/// Who is calling, as far as the connection tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Plain TCP: nothing is known.
+    Unknown,
+    /// A TLS client certificate of the cluster's CA without the node name.
+    Client,
+    /// A node certificate of the cluster's CA.
+    Node,
+}
+
+/// Classifies the caller of `req` by its TLS client certificate (already
+/// verified against the cluster's CA during the handshake).
+pub fn peer_of<T>(req: &tonic::Request<T>) -> Peer {
+    match req.peer_certs() {
+        None => Peer::Unknown,
+        Some(certs) => match certs.first() {
+            Some(c) if is_node_certificate(c) => Peer::Node,
+            _ => Peer::Client,
+        },
+    }
+}
+
+/// Whether a DER certificate names [`NODE_NAME`] among its DNS names.
+pub fn is_node_certificate(der: &[u8]) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::DNSName(d) if *d == NODE_NAME))
+}
+
+/// The access check of a destructive admin call on a node whose admin token
+/// is `required` (None: no token configured, every caller may act). Nodes
+/// pass with their certificate (they forward admin calls to each other);
+/// everyone else needs the token.
+pub fn check_admin<T>(
+    req: &tonic::Request<T>,
+    required: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let Some(required) = required else {
+        return Ok(());
+    };
+    if peer_of(req) == Peer::Node {
+        return Ok(());
+    }
+    let given = req
+        .metadata()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => Err(tonic::Status::unauthenticated(
+            "this command needs the cluster's admin token (--token-file or MUSICFS_ADMIN_TOKEN_FILE)",
+        )),
+        Some(t) if constant_time_eq(t.as_bytes(), required.as_bytes()) => Ok(()),
+        Some(_) => Err(tonic::Status::permission_denied(
+            "the admin token does not match this cluster's",
+        )),
+    }
+}
+
+/// The access check of a call only nodes make (Raft, chunk deletion, joins):
+/// over TLS the caller must present a node certificate.
+pub fn check_node<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+    match peer_of(req) {
+        Peer::Client => Err(tonic::Status::permission_denied(
+            "only cluster nodes may make this call (the certificate is a client's)",
+        )),
+        Peer::Node | Peer::Unknown => Ok(()),
+    }
+}
+
+/// Compares without an early exit, so timing does not tell how much of a
+/// guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_compared_whole() {
+        assert!(constant_time_eq(b"abcdef", b"abcdef"));
+        assert!(!constant_time_eq(b"abcdef", b"abcdeg"));
+        assert!(!constant_time_eq(b"abcdef", b"abcde"));
+        assert!(check_token("short").is_err());
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("0123456789 abcdef").is_err());
+    }
+
+    #[test]
+    fn admin_calls_need_the_token_when_one_is_set() {
+        let tok = "0123456789abcdef0123";
+        let bare = tonic::Request::new(());
+        assert!(check_admin(&bare, None).is_ok());
+        assert_eq!(
+            check_admin(&bare, Some(tok)).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let t = Transport::plain().with_token(tok).expect("token");
+        assert!(check_admin(&t.request(()), Some(tok)).is_ok());
+        let wrong = Transport::plain()
+            .with_token("0123456789abcdef0124")
+            .expect("token");
+        assert_eq!(
+            check_admin(&wrong.request(()), Some(tok))
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn a_missing_or_wrong_credential_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("musicfs-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let e = Transport::tls_from_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("ca.pem"), "{e}");
+        std::fs::write(dir.join(CA_FILE), "not a certificate").expect("write");
+        let e = Transport::tls_from_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("holds no PEM CERTIFICATE"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
