@@ -225,6 +225,91 @@ pub struct StorageView {
     pub disk_free_bytes: Option<u64>,
 }
 
+/// One line of `musicfs node list`: a metadata node (which also stores
+/// chunks) or a storage-only node.
+#[derive(Serialize, Debug)]
+pub struct NodeListEntry {
+    pub id: u64,
+    pub address: String,
+    /// "metadata+storage" or "storage".
+    pub role: &'static str,
+    /// Storage state: active, draining or removed.
+    pub state: String,
+    pub up: bool,
+    pub chunks: Option<u64>,
+    pub chunk_bytes: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+    /// Groups it leads (metadata nodes).
+    pub leads: usize,
+    /// Empty when unknown (a storage-only node, or one that does not answer).
+    pub version: String,
+}
+
+pub fn node_list(v: &ClusterView) -> Vec<NodeListEntry> {
+    let mut out: Vec<NodeListEntry> = v
+        .nodes
+        .iter()
+        .map(|n| {
+            let st = v.storage.iter().find(|s| s.id == n.id);
+            NodeListEntry {
+                id: n.id,
+                address: n.address.clone(),
+                role: "metadata+storage",
+                state: st.map_or_else(|| "active".to_string(), |s| s.state.clone()),
+                up: n.up,
+                chunks: n.up.then_some(n.chunks),
+                chunk_bytes: n.up.then_some(n.chunk_bytes),
+                disk_free_bytes: n.up.then_some(n.disk_free_bytes),
+                leads: n.leader_of,
+                version: n.version.clone(),
+            }
+        })
+        .collect();
+    for s in &v.storage {
+        if out.iter().any(|n| n.id == s.id) {
+            continue;
+        }
+        out.push(NodeListEntry {
+            id: s.id,
+            address: s.address.clone(),
+            role: "storage",
+            state: s.state.clone(),
+            up: s.up,
+            chunks: s.chunks,
+            chunk_bytes: s.chunk_bytes,
+            disk_free_bytes: s.disk_free_bytes,
+            leads: 0,
+            version: String::new(),
+        });
+    }
+    out.sort_by_key(|n| n.id);
+    out
+}
+
+pub fn print_node_list(list: &[NodeListEntry]) {
+    println!(
+        "{:>4}  {:<22} {:<17} {:<9} {:<4} {:>8} {:>10} {:>10} {:>5}  VERSION",
+        "NODE", "ADDRESS", "ROLE", "STATE", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS"
+    );
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |b| b.to_string());
+    let bytes = |v: Option<u64>| v.map_or_else(|| "-".to_string(), human);
+    for n in list {
+        println!(
+            "{:>4}  {:<22} {:<17} {:<9} {:<4} {:>8} {:>10} {:>10} {:>5}  {}",
+            n.id,
+            n.address,
+            n.role,
+            n.state,
+            if n.up { "yes" } else { "NO" },
+            opt(n.chunks),
+            bytes(n.chunk_bytes),
+            bytes(n.disk_free_bytes),
+            n.leads,
+            n.version
+        );
+    }
+}
+
 /// Repair over the whole cluster (each group's leader reports its groups).
 #[derive(Serialize, Debug, Default)]
 pub struct RepairView {

@@ -122,6 +122,10 @@ enum Cmd {
         cluster: String,
         #[arg(default_value = "/")]
         path: String,
+        /// One JSON object per entry and line (JSON Lines: a directory of
+        /// a million entries streams instead of building one document).
+        #[arg(long)]
+        json: bool,
     },
     /// Copy a local file into the cluster without a mount.
     Put {
@@ -338,6 +342,14 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// Every node: metadata or storage only, state, whether it answers,
+    /// chunks, disk, version (exit code 2 if one does not answer).
+    List {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a storage node: start `musicfs-node` with a new id first.
     Add {
         #[arg(long, env = "MUSICFS_CLUSTER")]
@@ -651,6 +663,18 @@ fn print_df(v: &[admin::DfView]) {
 async fn node_cmd(cmd: NodeCmd) -> Result<()> {
     use proto::meta::StorageState;
     match cmd {
+        NodeCmd::List { cluster, json } => {
+            let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
+            let list = admin::node_list(&v);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                admin::print_node_list(&list);
+            }
+            if list.iter().any(|n| !n.up && n.state != "removed") {
+                std::process::exit(2);
+            }
+        }
         NodeCmd::Add { cluster, id, addr } => {
             parse_seeds(&addr)?;
             admin::set_storage_node(
@@ -987,7 +1011,11 @@ async fn run(cli: Cli) -> Result<()> {
             admin::mount_until_signal(c, &mountpoint, cache_mib << 20, allow_other).await?;
         }
         Cmd::Dev { dir, base_port } => dev(&dir, base_port).await?,
-        Cmd::Ls { cluster, path } => {
+        Cmd::Ls {
+            cluster,
+            path,
+            json,
+        } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             let dir = fs.resolve(&path).await?;
             let mut after = Vec::new();
@@ -995,6 +1023,25 @@ async fn run(cli: Cli) -> Result<()> {
                 let (entries, more) = fs.readdir(dir.ino, &after, 1024, true).await?;
                 for e in &entries {
                     let a = e.attr.unwrap_or_default();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "name": String::from_utf8_lossy(&e.name),
+                                "ino": a.ino,
+                                "kind": proto::meta::FileKind::try_from(a.kind)
+                                    .map(|k| k.as_str_name())
+                                    .unwrap_or("UNKNOWN"),
+                                "perm": a.perm,
+                                "uid": a.uid,
+                                "gid": a.gid,
+                                "size": a.size,
+                                "nlink": a.nlink,
+                                "mtime_ms": a.mtime.map(|t| t.as_millis()).unwrap_or(0),
+                            })
+                        );
+                        continue;
+                    }
                     println!(
                         "{:o} {:>5} {:>5} {:>12} {}",
                         a.perm,

@@ -50,6 +50,35 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
         assert_eq!(members, vec![1, 2, 3], "group {g}");
         assert!(members.contains(&g["leader"].as_u64().expect("leader")));
     }
+    // node list: every node with its role, state and version.
+    let out = musicfs(&c, &["node", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes = json(&out);
+    let nodes = nodes.as_array().expect("array");
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert_eq!(n["role"], "metadata+storage", "{n}");
+        assert_eq!(n["state"], "active", "{n}");
+        assert_eq!(n["up"], true, "{n}");
+        assert_eq!(n["version"], env!("CARGO_PKG_VERSION"), "{n}");
+    }
+    // ls --json: one object per entry and line.
+    let out = musicfs(&c, &["ls", "--json", "/"]);
+    assert!(out.status.success());
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["name"] == "track.flac" && e["size"] == 10 && e["kind"] == "REGULAR"),
+        "{entries:?}"
+    );
     let table = musicfs(&c, &["group", "list"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("LEADER"));
 
