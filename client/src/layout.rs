@@ -164,18 +164,34 @@ pub struct CutChunk {
     pub data: Bytes,
 }
 
-/// Cuts `data` (which starts at `file_offset`) at content-defined boundaries.
+/// Cuts `data` (which starts at `file_offset`) at content-defined
+/// boundaries; a run at the start of a file is first cut where an audio
+/// file's structure changes (tags, pictures, audio: `audio::boundaries`).
 pub fn cut(file_offset: u64, data: &[u8]) -> Vec<CutChunk> {
-    fastcdc::v2020::FastCDC::new(data, CDC_MIN as usize, CDC_AVG as usize, CDC_MAX as usize)
-        .map(|c| {
-            let bytes = &data[c.offset..c.offset + c.length];
-            CutChunk {
-                file_offset: file_offset + c.offset as u64,
+    let mut segments = Vec::new();
+    let mut start = 0;
+    if file_offset == 0 {
+        for b in crate::audio::boundaries(data) {
+            segments.push(start..b);
+            start = b;
+        }
+    }
+    segments.push(start..data.len());
+    let mut out = Vec::new();
+    for seg in segments {
+        let part = &data[seg.clone()];
+        for c in
+            fastcdc::v2020::FastCDC::new(part, CDC_MIN as usize, CDC_AVG as usize, CDC_MAX as usize)
+        {
+            let bytes = &part[c.offset..c.offset + c.length];
+            out.push(CutChunk {
+                file_offset: file_offset + (seg.start + c.offset) as u64,
                 id: ChunkId::of(bytes),
                 data: Bytes::copy_from_slice(bytes),
-            }
-        })
-        .collect()
+            });
+        }
+    }
+    out
 }
 
 /// A byte-bounded least-recently-used cache of verified chunks.
@@ -298,6 +314,43 @@ mod tests {
         let ids: std::collections::HashSet<_> = chunks.iter().map(|c| c.id).collect();
         let shared = again.iter().filter(|c| ids.contains(&c.id)).count();
         assert!(shared >= chunks.len() - 2, "{shared} of {}", chunks.len());
+    }
+
+    #[test]
+    fn a_tag_edit_leaves_every_audio_chunk_as_it_was() {
+        let flac = |comment: &[u8]| {
+            let mut f = b"fLaC".to_vec();
+            for (kind, body) in [
+                (0u8, vec![7u8; 34]),
+                (4, comment.to_vec()),
+                (6, vec![9; 90_000]),
+            ] {
+                let n = body.len();
+                f.extend([kind, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+                f.extend(body);
+            }
+            f.extend([0x81, 0, 0, 16]);
+            f.extend([0; 16]);
+            f.extend([0xFF, 0xF8]);
+            f.extend((0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8));
+            f
+        };
+        let before = cut(0, &flac(b"TITLE=Song"));
+        let after = cut(0, &flac(b"TITLE=Another song, with a longer title"));
+        let old: std::collections::HashSet<_> = before.iter().map(|c| c.id).collect();
+        let new_bytes: usize = after
+            .iter()
+            .filter(|c| !old.contains(&c.id))
+            .map(|c| c.data.len())
+            .sum();
+        // Only the comment block is new: the picture and every audio chunk
+        // are the same chunks, wherever they now start.
+        assert!(new_bytes < 1024, "{new_bytes} new bytes");
+        let total: usize = after.iter().map(|c| c.data.len()).sum();
+        assert_eq!(
+            total,
+            flac(b"TITLE=Another song, with a longer title").len()
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! shim over it (`fuse`), and the admin operations the `musicfs` CLI uses.
 
 pub mod admin;
+pub mod audio;
 pub mod certs;
 pub mod conn;
 pub mod error;

@@ -284,20 +284,34 @@ impl Scrub {
         // The groups led after the wait, not before it: balancing may have
         // moved leaders meanwhile (a node that returned takes its groups
         // back), and a group checked by no one would keep its missing
-        // replicas listed.
-        for g in self.router.led_groups() {
-            // Balancing leaves the group here while it is checked; an
-            // operator's hold stays as it was.
-            let held = self.router.holds_leadership(g);
-            if !held {
-                self.router.hold_leadership(g, INDEX_HOLD);
+        // replicas listed. Groups that become led here during the pass are
+        // checked too.
+        let mut checked = std::collections::BTreeSet::new();
+        loop {
+            let todo: Vec<u32> = self
+                .router
+                .led_groups()
+                .into_iter()
+                .filter(|g| !checked.contains(g))
+                .collect();
+            if todo.is_empty() {
+                break;
             }
-            let r = self.check_group(g, &addrs).await;
-            if !held {
-                self.router.release_leadership(g);
-            }
-            if let Err(e) = r {
-                self.worker.error(format!("index pass, group {g}: {e}"));
+            for g in todo {
+                checked.insert(g);
+                // Balancing leaves the group here while it is checked; an
+                // operator's hold stays as it was.
+                let held = self.router.holds_leadership(g);
+                if !held {
+                    self.router.hold_leadership(g, INDEX_HOLD);
+                }
+                let r = self.check_group(g, &addrs).await;
+                if !held {
+                    self.router.release_leadership(g);
+                }
+                if let Err(e) = r {
+                    self.worker.error(format!("index pass, group {g}: {e}"));
+                }
             }
         }
         tracing::info!(status = ?self.status(), "scrub: index pass done");
