@@ -121,12 +121,16 @@ async fn a_rolling_restart_fails_no_operation_and_loses_nothing() {
     }
 }
 
-// Open finding, reproduced by this test in about one run of three: after
-// the restored node is back and a scrub has dropped its missing replicas,
-// repair copies them (the node holds every chunk file again) but group
-// statistics keep reporting some chunks under-replicated, so `musicfs
-// status` never returns to healthy. Run it with `--ignored` while fixing.
-#[ignore = "open finding: under-replicated count stays up after a restore (see comment)"]
+// Open finding, reproduced by this test in about half of its runs: after
+// the restored node is back and has every chunk file again, one metadata
+// group is left without a working leader for minutes: the old leader
+// points at the restored node ("not the leader of group 2 (leader 3)"),
+// the restored node says it does not lead, and the group's queries and
+// location updates fail, so `musicfs status` stays degraded. Suspected:
+// balancing hands the group to its preferred node, the restored one, on
+// the strength of the match index that node had before its disk was lost.
+// Run it with `--ignored` while fixing.
+#[ignore = "open finding: a group loses its working leader after a restore (see comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restored_from_scratch_rejoins_and_gets_its_chunks_back() {
     let mut c = TestCluster::start(3, &[]).await;
