@@ -59,20 +59,6 @@ mod progress {
 /// a certificate that may not make the call).
 const EXIT_DENIED: i32 = 4;
 
-fn transport(
-    tls_dir: Option<&Path>,
-    token_file: Option<&Path>,
-) -> Result<proto::transport::Transport> {
-    let t = match tls_dir {
-        Some(d) => proto::transport::Transport::tls_from_dir(d)?,
-        None => proto::transport::Transport::plain(),
-    };
-    Ok(match token_file {
-        Some(f) => t.with_token_file(f)?,
-        None => t,
-    })
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Cluster lifecycle.
@@ -390,7 +376,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match transport(cli.tls_dir.as_deref(), cli.token_file.as_deref()) {
+    match proto::transport::Transport::from_files(cli.tls_dir.as_deref(), cli.token_file.as_deref())
+    {
         Ok(t) => {
             musicfs_client::set_transport(t);
         }

@@ -41,6 +41,17 @@ fn storage_state(c: &TestCluster, tls: &Path, id: u64) -> Option<String> {
         .and_then(|s| s["state"].as_str().map(str::to_string))
 }
 
+/// `musicfs node add` with the client certificate and the admin token.
+fn node_add(c: &TestCluster, certs: &Path, id: u64, addr: &str) -> Output {
+    let token = certs.join("admin-token");
+    musicfs(
+        c,
+        Some(&certs.join("client")),
+        Some(&token),
+        &["node", "add", &id.to_string(), addr],
+    )
+}
+
 /// Asserts that the command was refused with exit code 4 and `why`.
 fn refused(out: &Output, why: &str) {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(out));
@@ -143,12 +154,7 @@ async fn only_holders_of_the_cluster_certificate_and_token_get_in() {
     let r = c.spawn_new_node(&["--tls-dir", rogue_node.to_str().expect("utf-8")]);
     let rogue_addr = c.nodes[r].addr.clone();
     listening(&rogue_addr).await;
-    let out = musicfs(
-        &c,
-        Some(&client),
-        Some(&token),
-        &["node", "add", "4", &rogue_addr],
-    );
+    let out = node_add(&c, &certs, 4, &rogue_addr);
     assert!(
         !out.status.success(),
         "a node with a foreign certificate joined"
@@ -179,12 +185,7 @@ async fn only_holders_of_the_cluster_certificate_and_token_get_in() {
     assert_eq!(c.nodes[i5].id, 5);
     c.wait_up(i5).await;
     let addr5 = c.nodes[i5].addr.clone();
-    let out = musicfs(
-        &c,
-        Some(&client),
-        Some(&token),
-        &["node", "add", "5", &addr5],
-    );
+    let out = node_add(&c, &certs, 5, &addr5);
     assert!(
         out.status.success(),
         "node add with the token: {}",

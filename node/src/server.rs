@@ -184,20 +184,18 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, NodeError> {
 /// The node's TLS credentials and admin token, checked before anything
 /// else starts so a wrong file fails the start with its name.
 fn credentials(cfg: &NodeConfig) -> Result<proto::transport::Transport, NodeError> {
-    let wire = match &cfg.tls_dir {
-        Some(dir) => {
-            let t = proto::transport::Transport::tls_from_dir(dir)?;
-            if !t.holds_node_certificate() {
-                return Err(NodeError::NotANodeCertificate(dir.display().to_string()));
-            }
-            t
-        }
-        None => proto::transport::Transport::plain(),
-    };
-    Ok(match &cfg.admin_token_file {
-        Some(f) => wire.with_token_file(f)?,
-        None => wire,
-    })
+    let wire = proto::transport::Transport::from_files(
+        cfg.tls_dir.as_deref(),
+        cfg.admin_token_file.as_deref(),
+    )?;
+    if let Some(dir) = cfg
+        .tls_dir
+        .as_ref()
+        .filter(|_| !wire.holds_node_certificate())
+    {
+        return Err(NodeError::NotANodeCertificate(dir.display().to_string()));
+    }
+    Ok(wire)
 }
 
 /// How long a stopping node waits for requests in flight.

@@ -98,6 +98,23 @@ impl Transport {
         })
     }
 
+    /// TLS from `tls_dir` (plain without one) and the admin token from
+    /// `token_file` (none without one): how nodes and the CLI read their
+    /// settings.
+    pub fn from_files(
+        tls_dir: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, TransportError> {
+        let t = match tls_dir {
+            Some(d) => Self::tls_from_dir(d)?,
+            None => Self::plain(),
+        };
+        match token_file {
+            Some(f) => t.with_token_file(f),
+            None => Ok(t),
+        }
+    }
+
     /// The same credentials plus the admin token read from `path` (one
     /// line; surrounding white space ignored).
     pub fn with_token_file(self, path: &Path) -> Result<Self, TransportError> {
