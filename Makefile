@@ -5,8 +5,9 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/musicfs/target
 CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 APT_PKGS := clang libclang-dev pkg-config fuse3 iproute2 iptables
-# Only the tests need a browser (the status page's screenshot test).
-TEST_APT_PKGS := chromium
+# Only the tests need a browser (the status page's screenshot test) and
+# the encoders that make a real music library (../shared/tools/mklib.sh).
+TEST_APT_PKGS := chromium sox flac lame vorbis-tools opus-tools imagemagick
 
 .PHONY: deps test-deps build dev test lint unit integration chaos pjdfstest image compose-test bench clean-dev
 

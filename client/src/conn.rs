@@ -91,6 +91,9 @@ pub struct Cluster {
     /// When on, every metadata answer as (group, node), for tools that
     /// must say which node said what (the chaos tests' histories).
     answers: Mutex<Option<Vec<(u32, u64)>>>,
+    /// Bytes of chunk data this client stored (each chunk counted once,
+    /// not per replica): what an import sent after deduplication.
+    chunk_bytes_sent: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,6 +156,7 @@ impl Cluster {
             suspects: Mutex::new(HashMap::new()),
             storage: RwLock::new(Storage::default()),
             answers: Mutex::new(None),
+            chunk_bytes_sent: std::sync::atomic::AtomicU64::new(0),
         });
         cluster.refresh().await?;
         // Keep up with nodes added, drained and removed; stops when the
@@ -608,6 +612,12 @@ impl Cluster {
     /// (`proto::placement`), moving on to the next ones when a node fails
     /// or is full. Succeeds once a majority of the replication factor holds
     /// it durably; returns the nodes that do.
+    /// Bytes of chunk data stored by this client so far (once per chunk).
+    pub fn chunk_bytes_sent(&self) -> u64 {
+        self.chunk_bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
         let tag = self.transfer_tag();
         let start = Instant::now();
@@ -704,6 +714,8 @@ impl Cluster {
             }
             if stored.len() >= quorum {
                 stored.sort_unstable();
+                self.chunk_bytes_sent
+                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 return Ok(stored);
             }
             if start.elapsed() >= self.cfg.deadline {

@@ -1184,26 +1184,36 @@ impl Fs {
         name: &[u8],
         src: &mut (impl std::io::Read + Send),
         perm: u32,
-        mut progress: impl FnMut(u64) + Send,
+        progress: impl FnMut(u64) + Send,
     ) -> Result<Attr> {
         let attr = match self.lookup(parent, name).await {
-            Ok(a) => {
-                self.setattr(
-                    a.ino,
-                    SetAttrFields {
-                        size: Some(0),
-                        ..Default::default()
-                    },
-                )
-                .await?
-            }
+            Ok(a) => a,
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 self.create(parent, name, FileKind::Regular, perm, 0, 0, 0, b"")
                     .await?
             }
             Err(e) => return Err(e),
         };
-        let fh = self.open(attr.ino).await?;
+        self.replace_content(attr.ino, attr.size, src, progress)
+            .await
+    }
+
+    /// Replaces the content of the regular file `ino` (now `size` bytes
+    /// long) with what `src` reads, 1 MiB at a time, so memory stays
+    /// bounded; `progress(done)` follows. Returns the new attributes.
+    ///
+    /// The new content is written over the old and the file cut to its
+    /// length last, not emptied first: chunks the old and new content share
+    /// (a re-tagged track's audio) stay referenced throughout, so the chunk
+    /// index vouches for them and they are not sent again.
+    pub async fn replace_content(
+        &self,
+        ino: u64,
+        size: u64,
+        src: &mut (impl std::io::Read + Send),
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<Attr> {
+        let fh = self.open(ino).await?;
         let res = async {
             let mut buf = vec![0u8; 1 << 20];
             let mut done = 0u64;
@@ -1225,13 +1235,25 @@ impl Fs {
                 done += n as u64;
                 progress(done);
             }
-            self.flush(fh).await
+            self.flush(fh).await?;
+            Ok(done)
         }
         .await;
         let rel = self.release(fh).await;
-        res?;
+        let done = res?;
         rel?;
-        self.getattr(attr.ino).await
+        if done < size {
+            return self
+                .setattr(
+                    ino,
+                    SetAttrFields {
+                        size: Some(done),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+        self.getattr(ino).await
     }
 
     pub async fn remove_path(&self, path: &str) -> Result<()> {

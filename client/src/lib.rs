@@ -11,6 +11,7 @@ pub mod fuse;
 pub mod layout;
 pub mod metrics;
 pub mod pattern;
+pub mod sync;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

@@ -44,6 +44,16 @@ mod progress {
         bar
     }
 
+    pub fn import() -> ProgressBar {
+        let bar = ProgressBar::new(1);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}\n{msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    }
+
     pub fn count(len: u64, what: &str) -> ProgressBar {
         let bar = ProgressBar::new(len);
         if let Ok(style) =
@@ -58,6 +68,23 @@ mod progress {
 /// Exit code of a command the cluster refused (no or a wrong admin token,
 /// a certificate that may not make the call).
 const EXIT_DENIED: i32 = 4;
+
+/// What `import` and `sync` take.
+#[derive(clap::Args)]
+struct CopyArgs {
+    #[arg(long, env = "MUSICFS_CLUSTER")]
+    cluster: String,
+    /// Local directory.
+    src: PathBuf,
+    /// Directory in the cluster (created if missing).
+    dest: String,
+    /// Files uploaded at once.
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -120,6 +147,15 @@ enum Cmd {
         local: PathBuf,
         path: String,
     },
+    /// Copy a local library into the cluster, without a mount: new and
+    /// changed files only (size and modification time, like rsync), only
+    /// the chunks the cluster lacks, several files at once. Run it again to
+    /// resume an interrupted import.
+    Import(CopyArgs),
+    /// Make a directory of the cluster match a local one, like
+    /// `rsync -a --delete`: as `import`, and entries the source lacks are
+    /// removed.
+    Sync(CopyArgs),
     /// Print a file of the cluster to stdout without a mount.
     Cat {
         #[arg(long, env = "MUSICFS_CLUSTER")]
@@ -1061,6 +1097,8 @@ async fn run(cli: Cli) -> Result<()> {
             let a = a?;
             println!("{path}: {} bytes (inode {})", a.size, a.ino);
         }
+        Cmd::Import(a) => return import(a, false).await,
+        Cmd::Sync(a) => return import(a, true).await,
         Cmd::Cat { cluster, path } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             let data = fs.read_file(&path).await?;
@@ -1070,6 +1108,59 @@ async fn run(cli: Cli) -> Result<()> {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             fs.remove_path(&path).await?;
         }
+    }
+    Ok(())
+}
+
+/// `import` and `sync`: exit 0 when everything was copied, 1 when some
+/// paths failed (listed), after copying the rest.
+async fn import(a: CopyArgs, delete: bool) -> Result<()> {
+    use musicfs_client::sync::{sync, SyncOptions};
+    let fs = Fs::new(
+        connect(&a.cluster, Duration::from_secs(60)).await?,
+        256 << 20,
+    );
+    let bar = progress::import();
+    let opts = SyncOptions {
+        delete,
+        jobs: a.jobs,
+    };
+    let report = sync(&fs, &a.src, &a.dest, &opts, &|r| {
+        bar.set_length(r.bytes.max(1));
+        bar.set_position(r.bytes_copied + r.bytes_unchanged);
+        bar.set_message(format!(
+            "{} files ({} copied, {} unchanged), {} sent",
+            r.files,
+            r.files_copied,
+            r.files_unchanged,
+            indicatif::HumanBytes(r.bytes_sent)
+        ));
+    })
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} files, {}: {} copied ({}), {} unchanged; {} of new chunk data sent; \
+             {} directories and {} symlinks created, {} entries removed",
+            report.files,
+            indicatif::HumanBytes(report.bytes),
+            report.files_copied,
+            indicatif::HumanBytes(report.bytes_copied),
+            report.files_unchanged,
+            indicatif::HumanBytes(report.bytes_sent),
+            report.dirs_created,
+            report.symlinks_created,
+            report.removed
+        );
+        for e in &report.errors {
+            eprintln!("failed: {e}");
+        }
+    }
+    if !report.errors.is_empty() {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -121,16 +121,12 @@ async fn a_rolling_restart_fails_no_operation_and_loses_nothing() {
     }
 }
 
-// Open finding, reproduced by this test in about half of its runs: after
-// the restored node is back and has every chunk file again, one metadata
-// group is left without a working leader for minutes: the old leader
-// points at the restored node ("not the leader of group 2 (leader 3)"),
-// the restored node says it does not lead, and the group's queries and
-// location updates fail, so `musicfs status` stays degraded. Suspected:
-// balancing hands the group to its preferred node, the restored one, on
-// the strength of the match index that node had before its disk was lost.
-// Run it with `--ignored` while fixing.
-#[ignore = "open finding: a group loses its working leader after a restore (see comment)"]
+// The restored node answers with a new incarnation: a leader that led the
+// group all along remembers it further ahead than its empty log and, until
+// it noticed, sent it only what followed, refused forever; the group then
+// stalled once balancing handed leadership to the restored node. Node 1
+// leads every group from init to the loss here, so every run goes through
+// that path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restored_from_scratch_rejoins_and_gets_its_chunks_back() {
     let mut c = TestCluster::start(3, &[]).await;

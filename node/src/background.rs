@@ -25,6 +25,9 @@ const OBSERVE_EVERY: Duration = Duration::from_millis(500);
 const BALANCE_TICKS: u32 = 3;
 /// A preferred node must have answered this recently to receive leadership.
 const ALIVE_WITHIN: Duration = Duration::from_secs(1);
+/// Time before leadership of a group is handed to its preferred node again
+/// after an attempt.
+const RETRY_TRANSFER_AFTER: Duration = Duration::from_secs(10);
 /// Records read per scan.
 const SCAN_LIMIT: usize = 10_000;
 
@@ -119,7 +122,7 @@ async fn pass(router: &Arc<Router>, recover: bool) {
 /// Moves leadership of groups this node leads to their preferred node
 /// (group `g` prefers the `g mod n`-th voter) when that node is up to date,
 /// so leaders spread evenly and return to a node that comes back.
-async fn balance(router: &Router) {
+async fn balance(router: &Router, tried: &mut HashMap<u32, std::time::Instant>) {
     crate::metrics::raft_balance_pass();
     let me = router.registry().node_id();
     for g in router.registry().groups() {
@@ -143,7 +146,13 @@ async fn balance(router: &Router) {
         let caught_up = g
             .replication_matched(preferred)
             .is_some_and(|m| m + 16 >= st.last_log_index);
-        if caught_up && g.heard_from(preferred, ALIVE_WITHIN) {
+        // A transfer that did not take leaves this leader refusing writes
+        // until an election; do not repeat it every few seconds.
+        let recently = tried
+            .get(&g.id)
+            .is_some_and(|t| t.elapsed() < RETRY_TRANSFER_AFTER);
+        if caught_up && !recently && g.heard_from(preferred, ALIVE_WITHIN) {
+            tried.insert(g.id, std::time::Instant::now());
             tracing::info!(
                 group = g.id,
                 to = preferred,
@@ -171,6 +180,7 @@ pub async fn run(router: Arc<Router>) {
         })
     };
     let mut tick: u32 = 0;
+    let mut tried = HashMap::new();
     let mut interval = tokio::time::interval(RECOVER_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let _stop_delivery = AbortOnDrop(deliver);
@@ -191,7 +201,7 @@ pub async fn run(router: Arc<Router>) {
         tick = tick.wrapping_add(1);
         pass(&router, true).await;
         if tick.is_multiple_of(BALANCE_TICKS) {
-            balance(&router).await;
+            balance(&router, &mut tried).await;
         }
     }
 }

@@ -160,14 +160,10 @@ impl Gc {
         }
     }
 
-    fn group_count(&self) -> u32 {
-        self.router.registry().groups().len() as u32
-    }
-
     /// Moves the group's settled time forward when every batch queued for
     /// it before the last look has been applied, then looks again.
     async fn settle(&self, group: u32) -> Result<(), String> {
-        let count = self.group_count();
+        let count = self.router.group_count().map_err(|e| e.to_string())?;
         let waiting = self
             .pending
             .lock()

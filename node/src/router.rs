@@ -167,15 +167,31 @@ impl Router {
         h.contains_key(&group)
     }
 
-    /// The number of metadata groups: those hosted here, or what `Join`
-    /// told a storage-only node.
+    /// The cluster's number of metadata groups, once this node knows it for
+    /// sure: from group 0's record (written by `cluster init`), or what
+    /// `Join` told a storage-only node. Never the count of groups hosted so
+    /// far: a node restored from scratch, or a new cluster's node, receives
+    /// its groups one by one, and a count that is too small sends chunk ids
+    /// and inodes to the wrong group (the GC sweep would then delete chunk
+    /// files that another group lists).
     pub fn group_count(&self) -> Result<u32, WireError> {
-        let hosted = self.registry.groups().len() as u32;
-        if hosted > 0 {
-            return Ok(hosted);
+        let store = self.registry.store();
+        if self.registry.group(0).is_some() {
+            let view = KvView::new(store);
+            let rec = view
+                .get(&crate::namespace::keys::group_record(0))
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+            return match rec {
+                Some(rec) => proto::meta::GroupRecord::decode(&rec[..])
+                    .map(|r| r.group_count.max(1))
+                    .map_err(|e| WireError::new(ErrorCode::Corrupt, e.to_string())),
+                None => Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    "group 0 has not caught up on this node yet: the group count is not known",
+                )),
+            };
         }
-        self.registry
-            .store()
+        store
             .node_get(KEY_GROUP_COUNT)
             .ok()
             .flatten()

@@ -147,16 +147,10 @@ impl MetaSvc {
         })
     }
 
-    /// The cluster's number of groups once this node knows it for sure:
-    /// from group 0's record (written by `cluster init`, so 0 until that
-    /// applied here), or what `Join` told a storage-only node. A count of
-    /// the groups hosted so far would be too small while a new cluster's
-    /// groups reach this node one by one, and a client that took it would
-    /// route to the wrong groups.
+    /// The cluster's number of groups once this node knows it for sure (0
+    /// until then): a client that took a smaller count would route to the
+    /// wrong groups.
     fn known_group_count(&self) -> u32 {
-        if self.registry.group(0).is_some() {
-            return self.group_count(0).unwrap_or(0);
-        }
         self.router.group_count().unwrap_or(0)
     }
 
@@ -596,7 +590,7 @@ impl AdminSvc {
     /// Chunk records, over every group, that list `node`.
     async fn chunks_on(&self, node: u64) -> Result<u64, WireError> {
         let router = &self.meta.router;
-        let count = self.registry.groups().len() as u32;
+        let count = router.group_count()?;
         let mut total = 0;
         for g in 0..count {
             let r = router
@@ -653,7 +647,7 @@ impl AdminSvc {
                         &req.addr,
                         &ours,
                         self.meta_peers(),
-                        self.registry.groups().len() as u32,
+                        router.group_count().map_err(|e| (e, 0))?,
                     )
                     .await
                     .map_err(|e| (e, 0))?;

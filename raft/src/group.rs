@@ -222,6 +222,7 @@ pub struct Registry {
     settings: RaftSettings,
     snap_root: PathBuf,
     cluster_id: RwLock<String>,
+    incarnation: u64,
     groups: RwLock<HashMap<u32, Group>>,
     create: tokio::sync::Mutex<()>,
 }
@@ -237,6 +238,7 @@ impl Registry {
         wire: proto::transport::Transport,
     ) -> Result<Arc<Self>, GroupError> {
         let cluster_id = store.node_get(KEY_CLUSTER)?.unwrap_or_default();
+        let incarnation = new_incarnation();
         let transport = Transport::new(node_id, cluster_id.clone(), wire);
         let reg = Arc::new(Registry {
             node_id,
@@ -246,6 +248,7 @@ impl Registry {
             settings,
             snap_root,
             cluster_id: RwLock::new(cluster_id),
+            incarnation,
             groups: RwLock::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
         });
@@ -257,6 +260,14 @@ impl Registry {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// Identifies this run of the node, chosen at start: a leader that
+    /// sees it change knows the node restarted, perhaps with less of its
+    /// log than it acknowledged before (restored from scratch or from an
+    /// older copy), and lets its replication start over if so.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -362,9 +373,17 @@ impl Registry {
             self.snap_root.clone(),
         )
         .map_err(|e| GroupError::Other(format!("opening group {id}: {e}")))?;
-        let raft = Raft::new(self.node_id, config, self.transport.factory(id), log, sm)
-            .await
-            .map_err(|e| GroupError::Other(format!("starting group {id}: {e}")))?;
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let raft = Raft::new(
+            self.node_id,
+            config,
+            self.transport.factory(id, slot.clone()),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| GroupError::Other(format!("starting group {id}: {e}")))?;
+        let _ = slot.set(raft.clone());
         let g = Group { id, raft };
         self.groups
             .write()
@@ -424,4 +443,19 @@ impl Registry {
             let _ = g.raft.shutdown().await;
         }
     }
+}
+
+/// A random non-zero number (the process's random hash keys mixed with the
+/// time): unique enough to tell one run of a node from the next.
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,6 +55,8 @@ pub struct Transport {
     /// Peers that stopped answering, and since when: logged once when they
     /// go and once when they return, not on every heartbeat of every group.
     down: Mutex<HashMap<u64, Instant>>,
+    /// The incarnation (run) each peer last answered with, per group.
+    incarnations: Mutex<HashMap<(u32, u64), u64>>,
 }
 
 impl Transport {
@@ -65,6 +67,7 @@ impl Transport {
             channels: Mutex::new(HashMap::new()),
             wire,
             down: Mutex::new(HashMap::new()),
+            incarnations: Mutex::new(HashMap::new()),
         })
     }
 
@@ -140,10 +143,28 @@ impl Transport {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    pub fn factory(self: &Arc<Self>, group: u32) -> NetworkFactory {
+    /// Records the incarnation `target` answered with for `group`; true if
+    /// it differs from the one it answered with before (it restarted).
+    fn incarnation_changed(&self, group: u32, target: u64, incarnation: u64) -> bool {
+        if incarnation == 0 {
+            return false;
+        }
+        let mut seen = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+        let before = seen.insert((group, target), incarnation);
+        before.is_some_and(|b| b != incarnation)
+    }
+
+    /// `raft` is filled in once the group's Raft exists (it needs the
+    /// factory first).
+    pub fn factory(
+        self: &Arc<Self>,
+        group: u32,
+        raft: Arc<OnceLock<crate::Raft>>,
+    ) -> NetworkFactory {
         NetworkFactory {
             group,
             transport: self.clone(),
+            raft,
         }
     }
 }
@@ -151,6 +172,7 @@ impl Transport {
 pub struct NetworkFactory {
     group: u32,
     transport: Arc<Transport>,
+    raft: Arc<OnceLock<crate::Raft>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -162,6 +184,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             transport: self.transport.clone(),
+            raft: self.raft.clone(),
         }
     }
 }
@@ -172,6 +195,7 @@ pub struct GroupClient {
     target: u64,
     addr: String,
     transport: Arc<Transport>,
+    raft: Arc<OnceLock<crate::Raft>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +236,30 @@ impl GroupClient {
     }
 }
 
+impl GroupClient {
+    /// The target restarted. If it lost part of its log (restored from
+    /// scratch or from an older copy), a leader that remembers it further
+    /// ahead would send it only what follows, refused forever, since Raft
+    /// assumes a follower never loses what it acknowledged; the group could
+    /// stall. Allow its replication to start over should its log prove
+    /// shorter, before this reply (which would show it) reaches Raft.
+    async fn allow_log_restart(&self) {
+        let Some(raft) = self.raft.get() else { return };
+        tracing::info!(
+            group = self.group,
+            node = self.target,
+            "node restarted; its log is replicated from the beginning if it lost entries"
+        );
+        match raft.trigger().allow_next_revert(&self.target, true).await {
+            Ok(Ok(())) => {}
+            // Not the leader any more, or the node is not a member: nothing
+            // of its progress is remembered here.
+            Ok(Err(e)) => tracing::debug!(group = self.group, error = %e, "allow_next_revert"),
+            Err(e) => tracing::warn!(group = self.group, error = %e, "allow_next_revert"),
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for GroupClient {
     type SnapshotData = SnapshotFile;
 
@@ -236,6 +284,12 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         self.transport
             .observe(self.target, &self.addr, reply.as_ref().err());
         let reply = reply.map_err(status_err)?.into_inner();
+        if self
+            .transport
+            .incarnation_changed(self.group, self.target, reply.incarnation)
+        {
+            self.allow_log_restart().await;
+        }
         if let Some(e) = reply.error {
             return Err(remote_err(e));
         }
@@ -484,6 +538,7 @@ impl RaftService for RaftServer {
                 return Ok(Response::new(pb::AppendReply {
                     response: None,
                     error: Some(e),
+                    incarnation: self.registry.incarnation(),
                 }))
             }
         };
@@ -513,6 +568,7 @@ impl RaftService for RaftServer {
                 return Ok(Response::new(pb::AppendReply {
                     response: None,
                     error: Some(Self::err(codes::MALFORMED, e.to_string())),
+                    incarnation: self.registry.incarnation(),
                 }))
             }
         };
@@ -534,11 +590,13 @@ impl RaftService for RaftServer {
                 pb::AppendReply {
                     response: Some(out),
                     error: None,
+                    incarnation: self.registry.incarnation(),
                 }
             }
             Err(e) => pb::AppendReply {
                 response: None,
                 error: Some(Self::err(codes::FATAL, e.to_string())),
+                incarnation: self.registry.incarnation(),
             },
         };
         Ok(Response::new(reply))
@@ -723,5 +781,25 @@ impl RaftService for RaftServer {
             Err(fatal) => Some(Self::err(codes::FATAL, fatal.to_string())),
         };
         Ok(Response::new(pb::TransferLeaderReply { error }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_incarnation_is_noticed_once_per_group() {
+        let t = Transport::new(1, "c".into(), proto::transport::Transport::plain());
+        assert!(!t.incarnation_changed(0, 3, 7), "first answer");
+        assert!(!t.incarnation_changed(0, 3, 7), "same run");
+        assert!(
+            !t.incarnation_changed(1, 3, 9),
+            "another group's first answer"
+        );
+        assert!(!t.incarnation_changed(0, 3, 0), "a node that does not say");
+        assert!(t.incarnation_changed(0, 3, 8), "restarted");
+        assert!(!t.incarnation_changed(0, 3, 8), "noticed once");
+        assert!(t.incarnation_changed(1, 3, 8), "and once in each group");
     }
 }

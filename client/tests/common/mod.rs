@@ -204,7 +204,9 @@ impl TestCluster {
             .args(&n.args)
             .env(
                 "MUSICFS_LOG",
-                "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error",
+                std::env::var("MUSICFS_TEST_LOG").unwrap_or_else(|_| {
+                    "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error".into()
+                }),
             )
             .envs(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
@@ -383,6 +385,16 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        // For a failure to study after the run: MUSICFS_TEST_LOGS=DIR keeps
+        // every node's log (with MUSICFS_TEST_LOG setting their filter).
+        if let Some(keep) = std::env::var_os("MUSICFS_TEST_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for n in &self.nodes {
+                let name = format!("node{}.log", n.id);
+                let _ = std::fs::copy(self.dir.path().join(&name), keep.join(&name));
+            }
         }
     }
 }

@@ -1,0 +1,175 @@
+//! A real music library (FLAC, MP3, Ogg Vorbis, Opus with cover art, made
+//! by `../shared/tools/mklib.sh` from Debian's encoders) imported into a
+//! three-node cluster with `musicfs import`, then kept in step with
+//! `musicfs sync` after re-tags, deletions and new tracks.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{musicfs, TestCluster};
+
+/// Makes a library of `albums` albums of `tracks` tracks of `secs` seconds
+/// in every format under `dir`.
+fn mklib(dir: &Path, albums: u32, tracks: u32, secs: u32) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/mklib.sh");
+    assert!(
+        script.exists(),
+        "{} is needed to make the test library (the project's shared tools beside the checkout)",
+        script.display()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .args([albums.to_string(), tracks.to_string(), secs.to_string()])
+        .output()
+        .expect("run mklib.sh");
+    assert!(
+        out.status.success(),
+        "mklib.sh failed (needs sox flac lame vorbis-tools opus-tools imagemagick: make test-deps): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every regular file under `root`, as paths relative to it.
+fn files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).expect("under root").to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn report(c: &TestCluster, args: &[&str]) -> serde_json::Value {
+    let out = musicfs(c, args);
+    assert!(
+        out.status.success(),
+        "musicfs {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("report JSON")
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let st = Command::new(cmd).args(args).status().expect(cmd);
+    assert!(st.success(), "{cmd} {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_imports_and_syncs_sending_only_what_changed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lib = tmp.path().join("lib");
+    mklib(&lib, 2, 2, 6);
+    let local = files(&lib);
+    let total: u64 = local
+        .iter()
+        .map(|p| std::fs::metadata(lib.join(p)).expect("stat").len())
+        .sum();
+    assert!(local.len() >= 18, "{local:?}");
+
+    let c = TestCluster::start(3, &[]).await;
+    c.init_groups(4).await;
+    let src = lib.to_str().expect("utf-8 path");
+
+    // First import: everything is copied, and reads back byte for byte
+    // with the source's modification time.
+    let r = report(&c, &["import", "--json", src, "/music"]);
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(r["files"], local.len() as u64, "{r}");
+    assert_eq!(r["files_copied"], local.len() as u64, "{r}");
+    assert_eq!(r["bytes"], total, "{r}");
+    let sent = r["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(sent > 0 && sent <= total, "{r}");
+    let fs = c.client(std::time::Duration::from_secs(30)).await;
+    for p in &local {
+        let path = format!("/music/{}", p.display());
+        let want = std::fs::read(lib.join(p)).expect("read local");
+        let got = fs.read_file(&path).await.expect("read imported");
+        assert!(got == want, "{path} differs");
+        let md = std::fs::metadata(lib.join(p)).expect("stat");
+        let a = fs.resolve(&path).await.expect("resolve");
+        let mtime = a.mtime.expect("mtime");
+        assert_eq!(
+            (mtime.sec, mtime.nsec as i64),
+            (md.mtime(), md.mtime_nsec())
+        );
+    }
+
+    // Nothing changed: nothing is copied or sent.
+    let r = report(&c, &["sync", "--json", src, "/music"]);
+    assert_eq!(r["files_copied"], 0, "{r}");
+    assert_eq!(r["files_unchanged"], local.len() as u64, "{r}");
+    assert_eq!(r["bytes_sent"], 0, "{r}");
+
+    // A FLAC re-tag: the file is copied again, but only its changed
+    // header chunk is new to the cluster.
+    let flac = local
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "flac"))
+        .expect("a FLAC file");
+    let flac_local = lib.join(flac);
+    run(
+        "metaflac",
+        &[
+            "--remove-tag=TITLE",
+            "--set-tag=TITLE=A new title",
+            flac_local.to_str().expect("utf-8"),
+        ],
+    );
+    // A removed track and a new one.
+    let gone = local
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "mp3"))
+        .expect("an MP3 file");
+    std::fs::remove_file(lib.join(gone)).expect("remove");
+    std::fs::write(lib.join("notes.txt"), b"liner notes").expect("write");
+
+    // `import` copies what is new or changed but removes nothing.
+    let r = report(&c, &["import", "--json", src, "/music"]);
+    assert_eq!(r["files_copied"], 2, "{r}");
+    assert_eq!(r["removed"], 0, "{r}");
+    let header = r["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(
+        header <= 16 * 1024 + "liner notes".len() as u64,
+        "a FLAC title edit sent {header} bytes: {r}"
+    );
+    fs.resolve(&format!("/music/{}", gone.display()))
+        .await
+        .expect("import keeps what the source lost");
+    let want = std::fs::read(&flac_local).expect("read");
+    let got = fs
+        .read_file(&format!("/music/{}", flac.display()))
+        .await
+        .expect("read re-tagged");
+    assert!(got == want, "re-tagged FLAC differs");
+
+    // `sync` removes it.
+    let r = report(&c, &["sync", "--json", src, "/music"]);
+    assert_eq!(r["removed"], 1, "{r}");
+    assert_eq!(r["files_copied"], 0, "{r}");
+    let e = fs
+        .resolve(&format!("/music/{}", gone.display()))
+        .await
+        .expect_err("sync removes what the source lost");
+    assert_eq!(e.code(), Some(proto::meta::ErrorCode::NotFound), "{e}");
+
+    // A source that is not a directory is refused with a clear message,
+    // and the cluster is left as it was.
+    let out = musicfs(&c, &["sync", "/nonexistent-library", "/music"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent-library"), "{err}");
+    fs.resolve("/music/notes.txt").await.expect("still there");
+}
