@@ -19,6 +19,7 @@ use proto::meta::{
     LookupQuery, NewChunk, QueryResult, ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp,
     SetAttrFields, SetAttrOp, StatFsQuery, Timespec,
 };
+use proto::meta::{GetTagsQuery, SearchQuery, SetTagsOp, TagTerm, Tags, TrackHit};
 use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -1091,6 +1092,60 @@ impl Fs {
     /// Number of open handles (for tests and metrics).
     pub fn open_handles(&self) -> usize {
         lock(&self.handles).len()
+    }
+
+    // ---- music tags ---------------------------------------------------------
+
+    /// Stores the tags of the regular file `ino` (`None`: forgets them).
+    pub async fn set_tags(&self, ino: u64, tags: Option<Tags>) -> Result<()> {
+        self.cluster
+            .propose(group_of_ino(ino), Op::SetTags(SetTagsOp { ino, tags }))
+            .await?;
+        Ok(())
+    }
+
+    /// The tags stored for `ino`, if any.
+    pub async fn get_tags(&self, ino: u64) -> Result<Option<Tags>> {
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::GetTags(GetTagsQuery { ino }))
+            .await?;
+        Ok(r.tags)
+    }
+
+    /// Tracks whose tags match every term, from every group, in inode
+    /// order within each group; at most `limit`.
+    pub async fn search(&self, terms: &[TagTerm], limit: usize) -> Result<Vec<TrackHit>> {
+        let groups = self.cluster.group_count();
+        let per_group = futures::future::try_join_all((0..groups).map(|g| {
+            let terms = terms.to_vec();
+            async move {
+                let mut hits = Vec::new();
+                let mut after = 0;
+                loop {
+                    let r = self
+                        .cluster
+                        .query(
+                            g,
+                            Q::Search(SearchQuery {
+                                terms: terms.clone(),
+                                after_ino: after,
+                                limit: (limit - hits.len()).min(1000) as u32,
+                            }),
+                        )
+                        .await?;
+                    hits.extend(r.tracks);
+                    if !r.more || hits.len() >= limit || r.next_ino <= after {
+                        return Ok::<_, ClientError>(hits);
+                    }
+                    after = r.next_ino;
+                }
+            }
+        }))
+        .await?;
+        let mut all: Vec<TrackHit> = per_group.into_iter().flatten().collect();
+        all.truncate(limit);
+        Ok(all)
     }
 
     // ---- path helpers for tools and tests ----------------------------------

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod metrics;
 pub mod pattern;
 pub mod sync;
+pub mod tags;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

@@ -156,6 +156,30 @@ enum Cmd {
     /// `rsync -a --delete`: as `import`, and entries the source lacks are
     /// removed.
     Sync(CopyArgs),
+    /// Show the tags the metadata keeps for a file (read by import/sync).
+    Tags {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find tracks by their tags, beets-style: `artist:Radiohead
+    /// year:1995..2000 genre:rock`; bare words match artist, album artist,
+    /// album, title or genre; quotes keep spaces (`album:"OK Computer"`).
+    /// Exit code 1 when nothing matches.
+    Search {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        #[arg(required = true)]
+        query: Vec<String>,
+        /// Most tracks to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per track and line (JSON Lines).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a file of the cluster to stdout without a mount.
     Cat {
         #[arg(long, env = "MUSICFS_CLUSTER")]
@@ -1099,6 +1123,63 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Import(a) => return import(a, false).await,
         Cmd::Sync(a) => return import(a, true).await,
+        Cmd::Tags {
+            cluster,
+            path,
+            json,
+        } => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 1 << 20);
+            let a = fs.resolve(&path).await?;
+            let Some(t) = fs.get_tags(a.ino).await? else {
+                eprintln!("{path}: no tags stored (import or sync it from a local library)");
+                std::process::exit(1);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tags_json(a.ino, &t))?);
+            } else {
+                for (k, v) in tags_json(a.ino, &t).as_object().into_iter().flatten() {
+                    if !(v.is_null() || v == "" || v == 0) {
+                        println!(
+                            "{k:<18} {}",
+                            v.as_str().map(str::to_string).unwrap_or(v.to_string())
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Search {
+            cluster,
+            query,
+            limit,
+            json,
+        } => {
+            let terms = proto::tags::parse_query(&query.join(" "))?;
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 1 << 20);
+            let hits = fs.search(&terms, limit).await?;
+            for h in &hits {
+                let t = h.tags.clone().unwrap_or_default();
+                if json {
+                    println!("{}", serde_json::to_string(&tags_json(h.ino, &t))?);
+                } else {
+                    println!(
+                        "{} | {} | {} | {} {} | {}",
+                        t.path,
+                        if t.album_artist.is_empty() {
+                            &t.artist
+                        } else {
+                            &t.album_artist
+                        },
+                        t.album,
+                        t.track,
+                        t.title,
+                        t.year
+                    );
+                }
+            }
+            if hits.is_empty() {
+                std::process::exit(1);
+            }
+        }
         Cmd::Cat { cluster, path } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             let data = fs.read_file(&path).await?;
@@ -1163,6 +1244,34 @@ async fn import(a: CopyArgs, delete: bool) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// A track's tags as JSON, with its inode.
+fn tags_json(ino: u64, t: &proto::meta::Tags) -> serde_json::Value {
+    serde_json::json!({
+        "ino": ino,
+        "path": t.path,
+        "artist": t.artist,
+        "albumartist": t.album_artist,
+        "album": t.album,
+        "title": t.title,
+        "track": t.track,
+        "tracktotal": t.track_total,
+        "disc": t.disc,
+        "disctotal": t.disc_total,
+        "date": t.date,
+        "year": t.year,
+        "genre": t.genre,
+        "duration_ms": t.duration_ms,
+        "codec": t.codec,
+        "bitrate_kbps": t.bitrate_kbps,
+        "samplerate": t.sample_rate,
+        "channels": t.channels,
+        "mb_trackid": t.mb_track_id,
+        "mb_albumid": t.mb_album_id,
+        "mb_artistid": t.mb_artist_id,
+        "mb_albumartistid": t.mb_album_artist_id,
+    })
 }
 
 fn check_mountpoint(p: &Path) -> Result<()> {

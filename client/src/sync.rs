@@ -458,8 +458,25 @@ async fn remove_tree(fs: &Fs, parent: u64, name: &[u8], attr: &Attr) -> Result<(
 async fn upload(fs: &Fs, u: Upload) -> Result<()> {
     let mut f = std::fs::File::open(&u.local)
         .map_err(|e| ClientError::Local(format!("{}: {e}", u.local.display())))?;
-    fs.replace_content(u.ino, u.existing_size, &mut f, |_| {})
+    let attr = fs
+        .replace_content(u.ino, u.existing_size, &mut f, |_| {})
         .await?;
+    // Tags, read as the content went up: a file lofty cannot read has none
+    // (and loses ones it had), which is not a failure of the copy.
+    if crate::tags::is_audio(&u.local) {
+        let tags = match crate::tags::read(&u.local) {
+            Ok(mut t) => {
+                t.layout_version = attr.layout_version;
+                t.path = u.dest.clone();
+                Some(t)
+            }
+            Err(e) => {
+                tracing::info!(path = %u.local.display(), error = %e, "no tags read");
+                None
+            }
+        };
+        fs.set_tags(u.ino, tags).await?;
+    }
     // Last, so an interrupted copy is recognised as unfinished next time.
     fs.setattr(
         u.ino,

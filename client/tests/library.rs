@@ -62,6 +62,26 @@ fn report(c: &TestCluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("report JSON")
 }
 
+fn tags(c: &TestCluster, path: &str) -> serde_json::Value {
+    report(c, &["tags", "--json", path])
+}
+
+/// `musicfs search --json`: one object per matching track.
+fn search(c: &TestCluster, terms: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["search", "--json"];
+    args.extend_from_slice(terms);
+    let out = musicfs(c, &args);
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "musicfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let st = Command::new(cmd).args(args).status().expect(cmd);
     assert!(st.success(), "{cmd} {args:?}");
@@ -106,6 +126,49 @@ async fn a_library_imports_and_syncs_sending_only_what_changed() {
             (md.mtime(), md.mtime_nsec())
         );
     }
+
+    // Tags were read as the files went up, in every format.
+    for fmt in ["flac", "mp3", "ogg", "opus"] {
+        let path = format!("/music/{fmt}/Artist 2/Album 2/01 Song 2-1.{fmt}");
+        let t = tags(&c, &path);
+        assert_eq!(t["artist"], "Artist 2", "{fmt}: {t}");
+        assert_eq!(t["album"], "Album 2", "{fmt}: {t}");
+        assert_eq!(t["title"], "Song 2-1", "{fmt}: {t}");
+        assert_eq!(t["track"], 1, "{fmt}: {t}");
+        assert_eq!(t["year"], 1992, "{fmt}: {t}");
+        assert_eq!(t["genre"], "Rock", "{fmt}: {t}");
+        assert_eq!(t["path"], path, "{fmt}: {t}");
+        let ms = t["duration_ms"].as_u64().expect("duration");
+        assert!((5_500..=6_500).contains(&ms), "{fmt}: {t}");
+    }
+    assert_eq!(
+        tags(&c, "/music/flac/Artist 2/Album 2/01 Song 2-1.flac")["codec"],
+        "flac"
+    );
+    assert_eq!(
+        tags(&c, "/music/opus/Artist 2/Album 2/01 Song 2-1.opus")["codec"],
+        "opus"
+    );
+
+    // Search: exactly the expected tracks, from every group.
+    assert_eq!(
+        search(&c, &["artist:\"Artist 2\"", "year:1990..1995"]).len(),
+        8,
+        "2 tracks in 4 formats"
+    );
+    let hits = search(&c, &["title:\"Song 1-2\"", "codec:mp3"]);
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(
+        hits[0]["path"],
+        "/music/mp3/Artist 1/Album 1/02 Song 1-2.mp3"
+    );
+    assert_eq!(search(&c, &["song", "year:1991"]).len(), 8, "bare words");
+    let out = musicfs(&c, &["search", "genre:jazz"]);
+    assert_eq!(out.status.code(), Some(1), "nothing matches");
+    let out = musicfs(&c, &["search", "colour:blue"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown tag field \"colour\""), "{err}");
 
     // Nothing changed: nothing is copied or sent.
     let r = report(&c, &["sync", "--json", src, "/music"]);
@@ -154,6 +217,12 @@ async fn a_library_imports_and_syncs_sending_only_what_changed() {
         .await
         .expect("read re-tagged");
     assert!(got == want, "re-tagged FLAC differs");
+    assert_eq!(
+        tags(&c, &format!("/music/{}", flac.display()))["title"],
+        "A new title",
+        "tags follow the copy"
+    );
+    assert_eq!(search(&c, &["title:\"a new title\""]).len(), 1);
 
     // `sync` removes it.
     let r = report(&c, &["sync", "--json", src, "/music"]);
@@ -164,6 +233,17 @@ async fn a_library_imports_and_syncs_sending_only_what_changed() {
         .await
         .expect_err("sync removes what the source lost");
     assert_eq!(e.code(), Some(proto::meta::ErrorCode::NotFound), "{e}");
+    // Its tags went with it.
+    let gone_title = gone
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.split_once(' '))
+        .map(|(_, t)| t.to_string())
+        .expect("title from the file name");
+    assert_eq!(
+        search(&c, &[&format!("title:\"{gone_title}\""), "codec:mp3"]).len(),
+        0
+    );
 
     // A source that is not a directory is refused with a clear message,
     // and the cluster is left as it was.

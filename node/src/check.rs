@@ -91,6 +91,7 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
     let mut inodes: HashMap<u64, Inode> = HashMap::new();
     let mut dirents: Vec<(u32, u64, Vec<u8>, DirentRecord)> = Vec::new();
     let mut layouts: HashMap<u64, (u32, LayoutRecord)> = HashMap::new();
+    let mut tagged: Vec<(u32, u64)> = Vec::new();
     let mut chunks: HashMap<ChunkId, (u32, ChunkRecord)> = HashMap::new();
     let mut records: BTreeMap<u32, GroupRecord> = BTreeMap::new();
     // Reference queues: next sequence per (source, target), batches still
@@ -137,6 +138,10 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                         dirents.push((g, u64_at(rest, 0), rest[8.min(rest.len())..].to_vec(), d))
                     }
                     Err(e) => problems.push(bad("entry", e)),
+                },
+                keys::TAGS => match proto::meta::Tags::decode(v) {
+                    Ok(_) => tagged.push((g, u64_at(rest, 0))),
+                    Err(e) => problems.push(bad("tags", e)),
                 },
                 keys::LAYOUT => match LayoutRecord::decode(v) {
                     Ok(l) => {
@@ -345,6 +350,12 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
             problems.push(format!(
                 "inode {ino} is not reachable from the root (orphan)"
             ));
+        }
+    }
+    for (g, ino) in &tagged {
+        match inodes.get(ino) {
+            Some(i) if i.group == *g && !is_dir(i) => {}
+            _ => problems.push(format!("tags of inode {ino} without a regular file")),
         }
     }
     // Chunk references: every extent counted once, in the right group.

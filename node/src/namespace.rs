@@ -13,7 +13,8 @@ use proto::meta::{
     command::Op, query::Q, Attr, ChunkDelta, ChunkInfo, ChunkRecord, Command, CommandResult,
     CommitLayoutOp, CreateOp, DirEntry, DirentRecord, Error as WireError, ErrorCode, Extent,
     FileKind, GroupRecord, InitOp, InodeRecord, LayoutRecord, LinkOp, NewInodeSub, Query,
-    QueryResult, RemoveOp, RenameOp, SetAttrOp, StatFs, Timespec,
+    QueryResult, RemoveOp, RenameOp, SearchQuery, SetAttrOp, SetTagsOp, StatFs, Tags, Timespec,
+    TrackHit,
 };
 use proto::{
     dir_group, group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO,
@@ -31,6 +32,11 @@ pub const MAX_READDIR: usize = 4096;
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
 /// Most creates one batch command carries.
 pub const MAX_BATCH: usize = 1024;
+/// Most tracks one search answer carries.
+pub const MAX_SEARCH: usize = 1000;
+/// Tag records one search call reads at most, and per page.
+const MAX_SEARCH_SCAN: usize = 100_000;
+const SEARCH_PAGE: usize = 1000;
 
 const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
@@ -190,6 +196,8 @@ pub mod keys {
     pub const STORAGE: u8 = b'N';
     /// Unreferenced chunks by the time their refcount reached zero.
     pub const ZERO: u8 = b'z';
+    /// Music tags of a regular file (`Tags`), by inode.
+    pub const TAGS: u8 = b'M';
     /// The key the directory-rename lock is taken on (group 0).
     pub const RENAME_LOCK: &[u8] = b"Zrename";
 
@@ -206,6 +214,14 @@ pub mod keys {
         let mut k = tagged(group, INODE, 8);
         k.extend_from_slice(&ino.to_be_bytes());
         k
+    }
+    pub fn tags(group: u32, ino: u64) -> Vec<u8> {
+        let mut k = tagged(group, TAGS, 8);
+        k.extend_from_slice(&ino.to_be_bytes());
+        k
+    }
+    pub fn tags_prefix(group: u32) -> Vec<u8> {
+        tagged(group, TAGS, 0)
     }
     pub fn layout(group: u32, ino: u64) -> Vec<u8> {
         let mut k = tagged(group, LAYOUT, 8);
@@ -706,6 +722,84 @@ impl Namespace {
             Op::UpdateLocations(op) => self.update_locations(txn, op),
             Op::ReapChunks(op) => self.reap_chunks(txn, op),
             Op::Settle(op) => self.settle(txn, op),
+            Op::SetTags(op) => self.set_tags(txn, op),
+        }
+    }
+
+    fn set_tags<R: KvRead + ?Sized>(
+        &self,
+        txn: &mut Txn<'_, R>,
+        op: &SetTagsOp,
+    ) -> Result<CommandResult, NsError> {
+        let rec = self.load_inode(txn, op.ino)?;
+        if kind_of(attr(&rec)) != FileKind::Regular {
+            return Err(NsError::Invalid(format!(
+                "inode {} is not a regular file: only files have tags",
+                op.ino
+            )));
+        }
+        match &op.tags {
+            Some(t) => {
+                proto::tags::check_tags(t).map_err(|e| NsError::Invalid(e.to_string()))?;
+                txn.put(keys::tags(self.group, op.ino), t);
+            }
+            None => txn.delete(keys::tags(self.group, op.ino)),
+        }
+        Ok(CommandResult {
+            attr: rec.attr,
+            ..Default::default()
+        })
+    }
+
+    /// Tracks of this group whose tags match `q`, in inode order.
+    fn search<R: KvRead + ?Sized>(
+        &self,
+        kv: &R,
+        q: &SearchQuery,
+        out: &mut QueryResult,
+    ) -> Result<(), NsError> {
+        proto::tags::check_terms(&q.terms).map_err(|e| NsError::Invalid(e.to_string()))?;
+        let limit = (q.limit as usize).clamp(1, MAX_SEARCH);
+        let prefix = keys::tags_prefix(self.group);
+        let mut after = if q.after_ino == 0 {
+            Vec::new()
+        } else {
+            q.after_ino.to_be_bytes().to_vec()
+        };
+        // Reads in pages, and at most MAX_SEARCH_SCAN records per call, so
+        // a search that matches little still answers in bounded time; the
+        // caller goes on from `next_ino`.
+        let mut scanned = 0;
+        loop {
+            let page = kv.scan(&prefix, &after, SEARCH_PAGE)?;
+            for (k, v) in &page {
+                let ino = k
+                    .get(prefix.len()..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| NsError::Invalid("malformed tags key".into()))?;
+                let tags: Tags = decode(k, v)?;
+                if proto::tags::matches(&tags, &q.terms) {
+                    if out.tracks.len() == limit {
+                        out.more = true;
+                        return Ok(());
+                    }
+                    out.tracks.push(TrackHit {
+                        ino,
+                        tags: Some(tags),
+                    });
+                }
+                out.next_ino = ino;
+            }
+            scanned += page.len();
+            if page.len() < SEARCH_PAGE {
+                return Ok(());
+            }
+            if scanned >= MAX_SEARCH_SCAN {
+                out.more = true;
+                return Ok(());
+            }
+            after = out.next_ino.to_be_bytes().to_vec();
         }
     }
 
@@ -972,6 +1066,7 @@ impl Namespace {
             let old = self.load_layout(txn, ino)?;
             self.change_refs(txn, &old, &[], &HashMap::new(), now)?;
             txn.delete(keys::layout(self.group, ino));
+            txn.delete(keys::tags(self.group, ino));
             txn.delete(keys::inode(self.group, ino));
             self.count_inode_freed(txn)?;
         } else {
@@ -1615,6 +1710,14 @@ impl Namespace {
                 out.now_ms = Timespec::now().as_millis();
             }
             Q::Holds(q) => self.query_holds(kv, q, &mut out)?,
+            Q::GetTags(q) => {
+                self.load_inode(kv, q.ino)?;
+                let key = keys::tags(self.group, q.ino);
+                if let Some(b) = kv.get(&key)? {
+                    out.tags = Some(decode(&key, &b)?);
+                }
+            }
+            Q::Search(q) => self.search(kv, q, &mut out)?,
             Q::StatFs(_) => {
                 let g = self.group_record(kv)?;
                 out.stat_fs = Some(StatFs {

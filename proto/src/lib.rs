@@ -19,6 +19,7 @@ pub mod admin {
 
 mod convert;
 pub mod display;
+pub mod tags;
 pub mod transport;
 pub use convert::*;
 
