@@ -1046,6 +1046,8 @@ pub async fn mount_until_signal(
 ) -> std::result::Result<(), MountError> {
     use fuser::MountOption;
     let fs = crate::Fs::new(cluster, cache_bytes);
+    // A tag editor writing through the mount keeps `musicfs search` current.
+    fs.keep_tags_current(true);
     let shim = crate::fuse::MusicFuse::new(fs, tokio::runtime::Handle::current());
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![

@@ -37,6 +37,17 @@ pub fn boundaries(head: &[u8]) -> Vec<usize> {
     cuts
 }
 
+/// Whether a file starting with `head` (its first dozen bytes) is audio a
+/// tag reader understands: FLAC, ID3v2-tagged or bare MPEG audio, Ogg, MP4.
+pub fn is_audio_head(head: &[u8]) -> bool {
+    head.starts_with(b"fLaC")
+        || head.starts_with(b"ID3")
+        || head.starts_with(b"OggS")
+        || (head.len() >= 8 && &head[4..8] == b"ftyp")
+        // An MPEG audio frame header: 11 sync bits and a layer.
+        || (head.len() >= 2 && head[0] == 0xFF && head[1] & 0xE0 == 0xE0 && head[1] & 0x06 != 0)
+}
+
 fn be24(b: &[u8]) -> usize {
     (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
 }

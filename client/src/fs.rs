@@ -39,6 +39,9 @@ const UPLOAD_PARALLELISM: usize = 8;
 
 /// Most creates one bulk command carries (the node's limit).
 pub const BATCH_CREATES: usize = 1024;
+/// Largest file whose tags are re-read after a write through the mount
+/// (it is read whole into memory).
+const MAX_TAG_READ: u64 = 512 << 20;
 /// Bulk batches one `create_entries` call has in flight at once.
 const BATCHES_IN_FLIGHT: usize = 16;
 
@@ -99,6 +102,9 @@ struct FileState {
     listed: std::collections::HashSet<ChunkId>,
     dirty: DirtyRuns,
     modified: bool,
+    /// Written to since the file was opened (flush commits and clears
+    /// `modified`; this lasts until the last close).
+    written: bool,
     mtime: Option<Timespec>,
     opens: usize,
     /// End of the last read, to detect sequential access.
@@ -135,6 +141,7 @@ impl FileState {
             modified: false,
             mtime: None,
             opens: 0,
+            written: false,
             last_read_end: 0,
             version: 0,
             unresolved: None,
@@ -149,6 +156,10 @@ pub struct Fs {
     next_fh: AtomicU64,
     cache: Arc<Mutex<ChunkCache>>,
     inflight: Arc<Mutex<HashMap<ChunkId, SharedFetch>>>,
+    /// This file system, for tasks it starts on its own.
+    me: std::sync::Weak<Fs>,
+    /// Whether tags are re-read after a write (`keep_tags_current`).
+    keep_tags: std::sync::atomic::AtomicBool,
 }
 
 /// A chunk fetch that several readers (and readahead) can await.
@@ -160,13 +171,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Fs {
     pub fn new(cluster: Arc<Cluster>, cache_bytes: usize) -> Arc<Self> {
-        let fs = Arc::new(Fs {
+        let fs = Arc::new_cyclic(|me| Fs {
             cluster,
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cache: Arc::new(Mutex::new(ChunkCache::new(cache_bytes))),
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            me: me.clone(),
+            keep_tags: std::sync::atomic::AtomicBool::new(false),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -831,6 +844,7 @@ impl Fs {
         st.version += 1;
         st.size = st.size.max(end);
         st.modified = true;
+        st.written = true;
         st.mtime = Some(Timespec::now());
         if st.dirty.bytes() >= SPILL_BYTES {
             self.spill(&mut st, false).await?;
@@ -1080,13 +1094,80 @@ impl Fs {
         let mut guard = st.lock().await;
         let res = self.commit(&mut guard).await;
         guard.opens = guard.opens.saturating_sub(1);
+        // With other handles still open, the last one to close re-reads.
+        let changed = guard.opens == 0 && std::mem::take(&mut guard.written);
         if guard.opens == 0 {
             let mut files = lock(&self.files);
             if files.get(&guard.ino).is_some_and(|s| Arc::ptr_eq(s, &st)) {
                 files.remove(&guard.ino);
             }
         }
+        if res.is_ok() && changed && self.keep_tags.load(Ordering::Relaxed) {
+            if let Some(fs) = self.me.upgrade() {
+                tokio::spawn(fs.refresh_tags(guard.ino));
+            }
+        }
         res
+    }
+
+    /// Re-reads a file's tags after it was written (the mount turns this
+    /// on, so a tag editor's changes reach `musicfs search`).
+    pub fn keep_tags_current(&self, on: bool) {
+        self.keep_tags.store(on, Ordering::Relaxed);
+    }
+
+    /// Reads the tags of `ino` anew from its content and stores them, if it
+    /// is audio or had tags. Runs after the last close of a changed file;
+    /// failures only leave the old tags (logged).
+    // Boxed: it closes a handle itself, and `release` starts it.
+    fn refresh_tags(self: Arc<Self>, ino: u64) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.refresh_tags_now(ino).await })
+    }
+
+    async fn refresh_tags_now(&self, ino: u64) {
+        let r = async {
+            let attr = self.getattr(ino).await?;
+            let old = self.get_tags(ino).await?;
+            if attr.size == 0 || attr.size > MAX_TAG_READ {
+                return Ok(());
+            }
+            let fh = self.open(ino).await?;
+            let content = async {
+                let head = self.read(fh, 0, 12).await?;
+                if !crate::audio::is_audio_head(&head) && old.is_none() {
+                    return Ok(None);
+                }
+                let mut all = Vec::with_capacity(attr.size as usize);
+                loop {
+                    let b = self.read(fh, all.len() as u64, 4 << 20).await?;
+                    if b.is_empty() {
+                        return Ok::<_, ClientError>(Some(all));
+                    }
+                    all.extend_from_slice(&b);
+                }
+            }
+            .await;
+            self.release(fh).await?;
+            let Some(content) = content? else {
+                return Ok(());
+            };
+            let tags = match crate::tags::read_bytes(&content) {
+                Ok(mut t) => {
+                    t.layout_version = attr.layout_version;
+                    t.path = old.map(|o| o.path).unwrap_or_default();
+                    Some(t)
+                }
+                Err(e) => {
+                    tracing::debug!(ino, error = %e, "no tags read");
+                    None
+                }
+            };
+            self.set_tags(ino, tags).await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::info!(ino, error = %e, "tags not refreshed after a write");
+        }
     }
 
     /// Number of open handles (for tests and metrics).

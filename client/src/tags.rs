@@ -41,6 +41,20 @@ fn codec(t: FileType) -> &'static str {
 /// The tags and audio properties of the file at `path`.
 pub fn read(path: &Path) -> Result<Tags, String> {
     let f = lofty::read_from_path(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(of(&f))
+}
+
+/// The tags and audio properties of a whole file held in memory.
+pub fn read_bytes(bytes: &[u8]) -> Result<Tags, String> {
+    let f = lofty::probe::Probe::new(std::io::Cursor::new(bytes))
+        .guess_file_type()
+        .map_err(|e| e.to_string())?
+        .read()
+        .map_err(|e| e.to_string())?;
+    Ok(of(&f))
+}
+
+fn of(f: &lofty::file::TaggedFile) -> Tags {
     let p = f.properties();
     let mut t = Tags {
         codec: codec(f.file_type()).into(),
@@ -71,5 +85,5 @@ pub fn read(path: &Path) -> Result<Tags, String> {
         t.mb_artist_id = item(ItemKey::MusicBrainzArtistId);
         t.mb_album_artist_id = item(ItemKey::MusicBrainzReleaseArtistId);
     }
-    Ok(t)
+    t
 }

@@ -66,6 +66,14 @@ fn tags(c: &TestCluster, path: &str) -> serde_json::Value {
     report(c, &["tags", "--json", path])
 }
 
+/// The tags of `path`, or `None` while it has none.
+fn try_tags(c: &TestCluster, path: &str) -> Option<serde_json::Value> {
+    let out = musicfs(c, &["tags", "--json", path]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("tags JSON"))
+}
+
 /// `musicfs search --json`: one object per matching track.
 fn search(c: &TestCluster, terms: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec!["search", "--json"];
@@ -244,6 +252,55 @@ async fn a_library_imports_and_syncs_sending_only_what_changed() {
         search(&c, &[&format!("title:\"{gone_title}\""), "codec:mp3"]).len(),
         0
     );
+
+    // A tag editor working through the mount: the file stays valid (it
+    // decodes, audio checksum included) and its new tags reach the
+    // metadata once it is closed.
+    let mnt = tmp.path().join("mnt");
+    let m = common::Mount::new(&c.seeds(), &mnt, 30).await;
+    let edits = [
+        ("flac", "metaflac", vec!["--remove-tag=ALBUM", "--set-tag=ALBUM=Another album"]),
+        // vorbiscomment -w replaces every comment: give it all of them.
+        (
+            "ogg",
+            "sh",
+            vec![
+                "-c",
+                "vorbiscomment -l \"$1\" | sed 's/^album=.*/ALBUM=Another album/I' | vorbiscomment -w \"$1\"",
+                "sh",
+            ],
+        ),
+    ];
+    for (fmt, tool, args) in edits {
+        let rel = local
+            .iter()
+            .find(|p| {
+                p.extension().is_some_and(|e| e == fmt) && p.to_string_lossy().contains("Song 2-2")
+            })
+            .expect("a track");
+        let on_mount = m.path.join("music").join(rel);
+        let mut args = args.clone();
+        let p = on_mount.to_str().expect("utf-8");
+        args.push(p);
+        run(tool, &args);
+        if fmt == "flac" {
+            run("flac", &["-t", "-s", p]);
+        } else {
+            run("ogginfo", &["-q", p]);
+        }
+        let path = format!("/music/{}", rel.display());
+        common::wait_for(
+            &format!("the {fmt} edit through the mount in the tags"),
+            std::time::Duration::from_secs(30),
+            || {
+                let t = try_tags(&c, &path);
+                async move { t.filter(|t| t["album"] == "Another album").map(|_| ()) }
+            },
+        )
+        .await;
+        assert_eq!(tags(&c, &path)["title"], "Song 2-2");
+    }
+    drop(m);
 
     // A source that is not a directory is refused with a clear message,
     // and the cluster is left as it was.
