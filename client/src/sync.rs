@@ -15,6 +15,7 @@
 //! source, and the next run copies exactly those again (resuming).
 
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -276,16 +277,8 @@ async fn namespace_pass(
         let path = e.path();
         match std::fs::symlink_metadata(&path) {
             Ok(md) => {
-                use std::os::unix::ffi::OsStrExt;
                 let name = e.file_name().as_bytes().to_vec();
-                locals.insert(
-                    name,
-                    Local {
-                        name: e.file_name().as_bytes().to_vec(),
-                        path,
-                        md,
-                    },
-                );
+                locals.insert(name.clone(), Local { name, path, md });
             }
             Err(err) => lock(report)
                 .errors
@@ -333,7 +326,6 @@ async fn namespace_pass(
             Some(FileKind::Symlink) => {
                 let target = std::fs::read_link(&l.path)
                     .map_err(|e| ClientError::Local(format!("{}: {e}", l.path.display())))?;
-                use std::os::unix::ffi::OsStrExt;
                 fs.create(
                     ino,
                     &l.name,

@@ -175,22 +175,19 @@ impl Router {
     /// and inodes to the wrong group (the GC sweep would then delete chunk
     /// files that another group lists).
     pub fn group_count(&self) -> Result<u32, WireError> {
-        let store = self.registry.store();
         if self.registry.group(0).is_some() {
-            let view = KvView::new(store);
-            let rec = view
-                .get(&crate::namespace::keys::group_record(0))
-                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-            return match rec {
-                Some(rec) => proto::meta::GroupRecord::decode(&rec[..])
-                    .map(|r| r.group_count.max(1))
-                    .map_err(|e| WireError::new(ErrorCode::Corrupt, e.to_string())),
-                None => Err(WireError::new(
-                    ErrorCode::Unavailable,
-                    "group 0 has not caught up on this node yet: the group count is not known",
-                )),
-            };
+            return self.recorded_group_count(0).map_err(|e| {
+                if e.code() == ErrorCode::NotInitialized {
+                    WireError::new(
+                        ErrorCode::Unavailable,
+                        "group 0 has not caught up on this node yet: the group count is not known",
+                    )
+                } else {
+                    e
+                }
+            });
         }
+        let store = self.registry.store();
         store
             .node_get(KEY_GROUP_COUNT)
             .ok()
@@ -203,6 +200,18 @@ impl Router {
                     "this node has not joined a cluster",
                 )
             })
+    }
+
+    /// The cluster's group count as `group`'s record (local copy) says.
+    pub fn recorded_group_count(&self, group: u32) -> Result<u32, WireError> {
+        let view = KvView::new(self.registry.store());
+        let rec = view
+            .get(&crate::namespace::keys::group_record(group))
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+            .ok_or_else(|| WireError::new(ErrorCode::NotInitialized, "group not initialised"))?;
+        proto::meta::GroupRecord::decode(&rec[..])
+            .map(|r| r.group_count.max(1))
+            .map_err(|e| WireError::new(ErrorCode::Corrupt, e.to_string()))
     }
 
     /// A metadata node to ask, for a node that hosts no replica of `group`.

@@ -118,7 +118,7 @@ impl MetaSvc {
         cmd: &Command,
         batch: Option<CommandResult>,
     ) -> CommandResult {
-        let count = match self.group_count(group_id) {
+        let count = match self.router.recorded_group_count(group_id) {
             Ok(c) => c,
             Err(e) => {
                 return CommandResult {
@@ -152,18 +152,6 @@ impl MetaSvc {
     /// wrong groups.
     fn known_group_count(&self) -> u32 {
         self.router.group_count().unwrap_or(0)
-    }
-
-    fn group_count(&self, group_id: u32) -> Result<u32, WireError> {
-        let view = KvView::new(self.registry.store());
-        let key = keys::group_record(group_id);
-        let rec = view
-            .get(&key)
-            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
-            .ok_or_else(|| WireError::new(ErrorCode::NotInitialized, "group not initialised"))?;
-        let rec = GroupRecord::decode(&rec[..])
-            .map_err(|e| WireError::new(ErrorCode::Corrupt, e.to_string()))?;
-        Ok(rec.group_count.max(1))
     }
 }
 
