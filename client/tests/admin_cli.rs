@@ -303,7 +303,17 @@ async fn the_status_page_shows_health_nodes_and_groups_in_a_browser() {
 
     // In a browser: the DOM it renders, and a screenshot of it.
     let url = format!("http://{web}/");
-    let dom = chromium(&url, &["--dump-dom"]).await;
+    // Leadership may move between groups right after init (balancing), and
+    // the page shows that moment as degraded: render until it is healthy.
+    let dom = wait_for(
+        "a healthy page in the browser",
+        Duration::from_secs(30),
+        || async {
+            let dom = chromium(&url, &["--dump-dom"]).await;
+            dom.contains("HEALTHY").then_some(dom)
+        },
+    )
+    .await;
     assert!(dom.contains("id=\"health\""), "{dom}");
     assert!(dom.contains("HEALTHY"));
     assert!(dom.contains("id=\"groups\""));
