@@ -1043,9 +1043,13 @@ pub async fn mount_until_signal(
     mountpoint: &Path,
     cache_bytes: usize,
     allow_other: bool,
+    views: Option<crate::views::Views>,
 ) -> std::result::Result<(), MountError> {
     use fuser::MountOption;
     let fs = crate::Fs::new(cluster, cache_bytes);
+    if let Some(v) = views {
+        fs.enable_views(v);
+    }
     // A tag editor writing through the mount keeps `musicfs search` current.
     fs.keep_tags_current(true);
     let shim = crate::fuse::MusicFuse::new(fs, tokio::runtime::Handle::current());

@@ -26,6 +26,9 @@ pub enum ClientError {
     /// Reading or writing a local file (put, get) failed.
     #[error("local file: {0}")]
     Local(String),
+    /// A change asked of something read-only (a tag view).
+    #[error("read-only: {0}")]
+    ReadOnly(String),
 }
 
 impl ClientError {
@@ -101,6 +104,7 @@ impl ClientError {
             ClientError::BadHandle(_) => libc::EBADF,
             ClientError::Denied(_) => libc::EACCES,
             ClientError::Local(_) => libc::EIO,
+            ClientError::ReadOnly(_) => libc::EROFS,
         }
     }
 }

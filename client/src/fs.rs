@@ -19,13 +19,17 @@ use proto::meta::{
     LookupQuery, NewChunk, QueryResult, ReadDirQuery, ReadLinkQuery, RemoveOp, RenameOp,
     SetAttrFields, SetAttrOp, StatFsQuery, Timespec,
 };
-use proto::meta::{GetTagsQuery, SearchQuery, SetTagsOp, TagTerm, Tags, TrackHit};
+use proto::meta::{
+    GetTagsQuery, IndexTagsOp, SearchQuery, SetTagsOp, TagTerm, TagTracksQuery, TagValue,
+    TagValuesQuery, Tags, TrackHit,
+};
 use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::conn::{Cluster, RequestId};
 use crate::error::{ClientError, Result};
 use crate::layout::{self, ChunkCache, DirtyRuns};
+use crate::views::{self, Views};
 
 /// Bytes of unchunked writes an open file may hold before they are chunked
 /// and uploaded (not yet committed). Bounds memory per open file.
@@ -160,6 +164,8 @@ pub struct Fs {
     me: std::sync::Weak<Fs>,
     /// Whether tags are re-read after a write (`keep_tags_current`).
     keep_tags: std::sync::atomic::AtomicBool,
+    /// Tag views offered at the root (a mount sets them; tools do not).
+    views: std::sync::OnceLock<Arc<Views>>,
 }
 
 /// A chunk fetch that several readers (and readahead) can await.
@@ -180,6 +186,7 @@ impl Fs {
             inflight: Arc::new(Mutex::new(HashMap::new())),
             me: me.clone(),
             keep_tags: std::sync::atomic::AtomicBool::new(false),
+            views: std::sync::OnceLock::new(),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -206,6 +213,25 @@ impl Fs {
 
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// Offers tag views under `views.dir_name` at the root (once).
+    pub fn enable_views(&self, views: Views) {
+        let _ = self.views.set(Arc::new(views));
+    }
+
+    fn views(&self) -> Option<&Arc<Views>> {
+        self.views.get()
+    }
+
+    /// Refuses changes inside a tag view.
+    fn writable(inos: &[u64]) -> Result<()> {
+        if inos.iter().any(|&i| views::is_virtual(i)) {
+            return Err(ClientError::ReadOnly(
+                "tag views are read-only: change the tracks themselves".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn check_name(name: &[u8]) -> Result<()> {
@@ -235,6 +261,14 @@ impl Fs {
 
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         Self::check_name(name)?;
+        if let Some(v) = self.views() {
+            if parent == proto::ROOT_INO && name == v.dir_name.as_bytes() {
+                return v.getattr(self, v.top()).await;
+            }
+            if views::is_virtual(parent) {
+                return v.lookup(self, parent, name).await;
+            }
+        }
         let r = self
             .cluster
             .query(
@@ -255,6 +289,9 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        if let (Some(v), true) = (self.views(), views::is_virtual(ino)) {
+            return Box::pin(v.getattr(self, ino)).await;
+        }
         let r = match self
             .cluster
             .query(group_of_ino(ino), Q::GetAttr(GetAttrQuery { ino }))
@@ -277,6 +314,7 @@ impl Fs {
     }
 
     pub async fn setattr(&self, ino: u64, fields: SetAttrFields) -> Result<Attr> {
+        Self::writable(&[ino])?;
         // Local writes commit first, so explicit times and sizes apply on top.
         let state = lock(&self.files).get(&ino).cloned();
         if let Some(st) = &state {
@@ -317,6 +355,7 @@ impl Fs {
         rdev: u32,
         symlink_target: &[u8],
     ) -> Result<Attr> {
+        Self::writable(&[parent])?;
         Self::check_name(name)?;
         let r = self
             .cluster
@@ -350,7 +389,8 @@ impl Fs {
     /// created by its parent's group (in one transaction with the batch's
     /// other such directories). Returns one outcome per entry, in order.
     pub async fn create_entries(&self, items: &[(u64, &NewEntry)]) -> Result<Vec<Result<Attr>>> {
-        for (_, e) in items {
+        for (parent, e) in items {
+            Self::writable(&[*parent])?;
             Self::check_name(&e.name)?;
         }
         let mut by_group: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -418,6 +458,7 @@ impl Fs {
     }
 
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {
+        Self::writable(&[ino, new_parent])?;
         Self::check_name(new_name)?;
         let r = self
             .cluster
@@ -434,6 +475,7 @@ impl Fs {
     }
 
     pub async fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+        Self::writable(&[parent])?;
         Self::check_name(name)?;
         self.cluster
             .propose(
@@ -456,6 +498,7 @@ impl Fs {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
+        Self::writable(&[parent, new_parent])?;
         Self::check_name(name)?;
         Self::check_name(new_name)?;
         self.cluster
@@ -484,6 +527,55 @@ impl Fs {
 
     /// One page of a directory, in name order, after `after`.
     pub async fn readdir(
+        &self,
+        ino: u64,
+        after: &[u8],
+        limit: u32,
+        plus: bool,
+    ) -> Result<(Vec<DirEntry>, bool)> {
+        if let Some(v) = self.views() {
+            if views::is_virtual(ino) {
+                return v.readdir(self, ino, after, limit, plus).await;
+            }
+            if ino == proto::ROOT_INO {
+                let (entries, more) = self.readdir_real(ino, after, limit, plus).await?;
+                return self.with_views_entry(v, entries, more, after, plus).await;
+            }
+        }
+        self.readdir_real(ino, after, limit, plus).await
+    }
+
+    /// The root's listing with the views directory in its place by name
+    /// (unless a real entry of that name hides it).
+    async fn with_views_entry(
+        &self,
+        v: &Views,
+        mut entries: Vec<DirEntry>,
+        more: bool,
+        after: &[u8],
+        plus: bool,
+    ) -> Result<(Vec<DirEntry>, bool)> {
+        let name = v.dir_name.as_bytes();
+        let in_page = name > after
+            && (!more || entries.last().is_some_and(|e| &e.name[..] > name))
+            && !entries.iter().any(|e| &e.name[..] == name);
+        if in_page {
+            let at = entries.partition_point(|e| &e.name[..] < name);
+            let attr = v.getattr(self, v.top()).await?;
+            entries.insert(
+                at,
+                DirEntry {
+                    name: Bytes::copy_from_slice(name),
+                    ino: v.top(),
+                    kind: FileKind::Directory as i32,
+                    attr: plus.then_some(attr),
+                },
+            );
+        }
+        Ok((entries, more))
+    }
+
+    async fn readdir_real(
         &self,
         ino: u64,
         after: &[u8],
@@ -548,6 +640,15 @@ impl Fs {
     /// Opens a file: loads its committed layout unless this client already
     /// has it open. Returns a handle.
     pub async fn open(&self, ino: u64) -> Result<u64> {
+        if let (Some(v), true) = (self.views(), views::is_virtual(ino)) {
+            return match v.real_ino(ino)? {
+                Some(real) => self.open_with(real, None).await,
+                None => Err(ClientError::server(
+                    ErrorCode::IsDir,
+                    "a directory of a tag view",
+                )),
+            };
+        }
         self.open_with(ino, None).await
     }
 
@@ -1229,6 +1330,116 @@ impl Fs {
         Ok(all)
     }
 
+    /// Distinct values of an indexed tag field over the whole cluster, in
+    /// normalized order (`TagValue::key`), after `after`, at most `limit`
+    /// (fewer only at the end). Values spelled alike by several groups
+    /// come once, with their counts added.
+    pub async fn tag_values(
+        &self,
+        field: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<TagValue>, bool)> {
+        let limit = limit.clamp(1, 1000);
+        let groups = self.cluster.group_count();
+        let pages = futures::future::try_join_all((0..groups).map(|g| {
+            self.cluster.query(
+                g,
+                Q::TagValues(TagValuesQuery {
+                    field: field.to_string(),
+                    after: after.map(Bytes::copy_from_slice),
+                    limit: limit as u32,
+                }),
+            )
+        }))
+        .await?;
+        // Every group answered its first `limit` values after the cursor,
+        // so the merged first `limit` are complete; a group that stopped
+        // early bounds what is certain.
+        let mut merged: BTreeMap<Bytes, TagValue> = BTreeMap::new();
+        let mut bound: Option<Bytes> = None;
+        for r in pages {
+            if r.more {
+                if let Some(last) = r.values.last() {
+                    if bound.as_ref().is_none_or(|b| last.key < *b) {
+                        bound = Some(last.key.clone());
+                    }
+                }
+            }
+            for v in r.values {
+                match merged.get_mut(&v.key) {
+                    Some(m) => m.count += v.count,
+                    None => {
+                        merged.insert(v.key.clone(), v);
+                    }
+                }
+            }
+        }
+        let mut out: Vec<TagValue> = merged
+            .into_values()
+            .filter(|v| bound.as_ref().is_none_or(|b| v.key <= *b))
+            .collect();
+        let more = bound.is_some() || out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
+    }
+
+    /// Every track whose indexed `field` equals `value`, from every group.
+    pub async fn tag_tracks(&self, field: &str, value: &str) -> Result<Vec<TrackHit>> {
+        let groups = self.cluster.group_count();
+        let per_group = futures::future::try_join_all((0..groups).map(|g| async move {
+            let mut hits = Vec::new();
+            let mut after = 0;
+            loop {
+                let r = self
+                    .cluster
+                    .query(
+                        g,
+                        Q::TagTracks(TagTracksQuery {
+                            field: field.to_string(),
+                            value: value.to_string(),
+                            after_ino: after,
+                            limit: 1000,
+                        }),
+                    )
+                    .await?;
+                hits.extend(r.tracks);
+                if !r.more || r.next_ino <= after {
+                    return Ok::<_, ClientError>(hits);
+                }
+                after = r.next_ino;
+            }
+        }))
+        .await?;
+        Ok(per_group.into_iter().flatten().collect())
+    }
+
+    /// Builds the tag index of every group that lacks one (tags stored
+    /// before the index existed). Groups whose index is complete answer
+    /// at once.
+    pub async fn reindex_tags(&self) -> Result<()> {
+        for g in 0..self.cluster.group_count() {
+            let mut after = 0;
+            loop {
+                let r = self
+                    .cluster
+                    .propose(
+                        g,
+                        Op::IndexTags(IndexTagsOp {
+                            after_ino: after,
+                            limit: 1000,
+                        }),
+                    )
+                    .await?;
+                if r.done {
+                    break;
+                }
+                after = r.next_ino;
+            }
+        }
+        Ok(())
+    }
+
     // ---- path helpers for tools and tests ----------------------------------
 
     /// Resolves a `/`-separated path from the root.
@@ -1390,6 +1601,43 @@ impl Fs {
                 .await;
         }
         self.getattr(ino).await
+    }
+
+    /// Largest file `tag_set` edits (it holds the file in memory).
+    pub const MAX_TAG_EDIT: u64 = 1 << 30;
+
+    /// Writes `sets` (`field`, `value`) into the tags of the track at
+    /// `path`: the file is rewritten in its own format with the new tags
+    /// in front of its unchanged audio, whose chunks the cluster already
+    /// holds and is not sent again; then the stored tags are updated.
+    /// Returns the tags as stored and the chunk bytes sent.
+    pub async fn tag_set(&self, path: &str, sets: &[(String, String)]) -> Result<(Tags, u64)> {
+        let attr = self.resolve(path).await?;
+        if FileKind::try_from(attr.kind) != Ok(FileKind::Regular) {
+            return Err(ClientError::Invalid(format!(
+                "{path} is not a regular file"
+            )));
+        }
+        if attr.size > Self::MAX_TAG_EDIT {
+            return Err(ClientError::Invalid(format!(
+                "{path} is {} bytes; tags are edited in memory up to {} bytes",
+                attr.size,
+                Self::MAX_TAG_EDIT
+            )));
+        }
+        let old = self.read_file(path).await?;
+        let new = crate::tags::edit(old, sets)
+            .map_err(|e| ClientError::Invalid(format!("{path}: {e}")))?;
+        let mut tags = crate::tags::read_bytes(&new)
+            .map_err(|e| ClientError::Invalid(format!("{path}: re-reading the tags: {e}")))?;
+        let sent_before = self.cluster.chunk_bytes_sent();
+        let attr = self
+            .replace_content(attr.ino, attr.size, &mut &new[..], |_| {})
+            .await?;
+        tags.layout_version = attr.layout_version;
+        tags.path = path.to_string();
+        self.set_tags(attr.ino, Some(tags.clone())).await?;
+        Ok((tags, self.cluster.chunk_bytes_sent() - sent_before))
     }
 
     pub async fn remove_path(&self, path: &str) -> Result<()> {

@@ -413,7 +413,12 @@ impl Filesystem for MusicFuse {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if crate::views::is_virtual(ino.0) && writes {
+            reply.error(Errno::from_i32(libc::EROFS));
+            return;
+        }
         let fs = self.fs.clone();
         self.spawn("open", async move {
             match fs.open(ino.0).await {

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod sync;
 pub mod tags;
+pub mod views;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

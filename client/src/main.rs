@@ -69,6 +69,71 @@ mod progress {
 /// a certificate that may not make the call).
 const EXIT_DENIED: i32 = 4;
 
+#[derive(Subcommand)]
+enum TagCmd {
+    /// Write tags into a track, e.g. `musicfs tag set PATH title="Teardrop"
+    /// year=1998`: the file stays a valid file of its format, only its new
+    /// header is sent (the audio's chunks are already stored), and search
+    /// and the tag views see the change. An empty value removes a field.
+    Set {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        path: String,
+        /// FIELD=VALUE: artist, albumartist, album, title, genre, date,
+        /// year, track, tracktotal, disc, disctotal.
+        #[arg(required = true)]
+        sets: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Index the tags of every group that stored tags before the tag
+    /// index existed (search and the views need it); groups already
+    /// indexed are left as they are.
+    Reindex {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+    },
+}
+
+/// Tag views of a mount.
+#[derive(clap::Args, Debug)]
+struct ViewArgs {
+    /// A tag view, `NAME=TEMPLATE` with beets-style fields, e.g.
+    /// `artists='$albumartist/$album/$track $title'`; repeat for more. The
+    /// first part must be one of $albumartist, $artist, $album, $title,
+    /// $genre, $year. Without any: artists, genres and years.
+    #[arg(long = "view", value_name = "NAME=TEMPLATE")]
+    views: Vec<String>,
+    /// Directory at the root of the mount that holds the views.
+    #[arg(long, default_value = ".views")]
+    views_dir: String,
+    /// Offer no tag views.
+    #[arg(long, conflicts_with = "views")]
+    no_views: bool,
+}
+
+impl ViewArgs {
+    fn build(&self) -> Result<Option<musicfs_client::views::Views>> {
+        use musicfs_client::views::{Template, Views, DEFAULT_VIEWS};
+        if self.no_views {
+            return Ok(None);
+        }
+        if self.views_dir.is_empty() || self.views_dir.contains('/') {
+            anyhow::bail!("--views-dir must be a single path component");
+        }
+        let templates = if self.views.is_empty() {
+            DEFAULT_VIEWS
+                .iter()
+                .map(|(n, t)| Template::parse(n, t))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        } else {
+            self.views.iter().map(|s| Template::parse_spec(s)).collect()
+        }
+        .map_err(anyhow::Error::msg)?;
+        Ok(Some(Views::new(&self.views_dir, templates)))
+    }
+}
+
 /// What `import` and `sync` take.
 #[derive(clap::Args)]
 struct CopyArgs {
@@ -119,6 +184,8 @@ enum Cmd {
         /// Serve Prometheus metrics at http://HOST:PORT/metrics.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        views: ViewArgs,
     },
     /// Start a local three-node cluster and mount it (for trying MusicFS out).
     Dev {
@@ -164,6 +231,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change tags (`musicfs tag set`), or build the tag index of a
+    /// cluster whose tags predate it (`musicfs tag reindex`).
+    #[command(subcommand)]
+    Tag(TagCmd),
     /// Find tracks by their tags, beets-style: `artist:Radiohead
     /// year:1995..2000 genre:rock`; bare words match artist, album artist,
     /// album, title or genre; quotes keep spaces (`album:"OK Computer"`).
@@ -1043,8 +1114,10 @@ async fn run(cli: Cli) -> Result<()> {
             allow_other,
             deadline_secs,
             metrics_listen,
+            views,
         } => {
             check_mountpoint(&mountpoint)?;
+            let views = views.build()?;
             if let Some(addr) = metrics_listen {
                 musicfs_client::metrics::serve(addr).map_err(anyhow::Error::msg)?;
             }
@@ -1055,7 +1128,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "mounted MusicFS at {} (Ctrl-C to unmount)",
                 mountpoint.display()
             );
-            admin::mount_until_signal(c, &mountpoint, cache_mib << 20, allow_other).await?;
+            admin::mount_until_signal(c, &mountpoint, cache_mib << 20, allow_other, views).await?;
         }
         Cmd::Dev { dir, base_port } => dev(&dir, base_port).await?,
         Cmd::Ls {
@@ -1146,6 +1219,31 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+        }
+        Cmd::Tag(TagCmd::Set {
+            cluster,
+            path,
+            sets,
+            json,
+        }) => {
+            let sets = musicfs_client::tags::parse_sets(&sets).map_err(anyhow::Error::msg)?;
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
+            let (tags, sent) = fs.tag_set(&path, &sets).await?;
+            let mut out = tags_json(fs.resolve(&path).await?.ino, &tags);
+            out["bytes_sent"] = sent.into();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{path}: tags written; {} of new chunk data sent",
+                    indicatif::HumanBytes(sent)
+                );
+            }
+        }
+        Cmd::Tag(TagCmd::Reindex { cluster }) => {
+            let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 1 << 20);
+            fs.reindex_tags().await?;
+            println!("the tag index of every group is complete");
         }
         Cmd::Search {
             cluster,
@@ -1410,7 +1508,13 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     println!("Press Ctrl-C to unmount and stop the nodes.");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let res = admin::mount_until_signal(cluster, &mnt, 256 << 20, root).await;
+    let views = ViewArgs {
+        views: Vec::new(),
+        views_dir: ".views".into(),
+        no_views: false,
+    }
+    .build()?;
+    let res = admin::mount_until_signal(cluster, &mnt, 256 << 20, root, views).await;
     drop(nodes);
     res?;
     Ok(())

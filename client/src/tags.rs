@@ -87,3 +87,96 @@ fn of(f: &lofty::file::TaggedFile) -> Tags {
     }
     t
 }
+
+/// Fields `musicfs tag set` writes.
+pub const SETTABLE: &[&str] = &[
+    "artist",
+    "albumartist",
+    "album",
+    "title",
+    "genre",
+    "date",
+    "year",
+    "track",
+    "tracktotal",
+    "disc",
+    "disctotal",
+];
+
+/// Parses `field=value` arguments (an empty value removes the field).
+pub fn parse_sets(args: &[String]) -> Result<Vec<(String, String)>, String> {
+    args.iter()
+        .map(|a| {
+            let (f, v) = a
+                .split_once('=')
+                .ok_or_else(|| format!("{a:?}: expected FIELD=VALUE"))?;
+            let f = f.trim().to_lowercase();
+            if !SETTABLE.contains(&f.as_str()) {
+                return Err(format!(
+                    "{f:?} cannot be set (settable: {})",
+                    SETTABLE.join(", ")
+                ));
+            }
+            let numeric = matches!(f.as_str(), "track" | "tracktotal" | "disc" | "disctotal");
+            if numeric && !v.is_empty() && v.parse::<u32>().is_err() {
+                return Err(format!("{f}: {v:?} is not a number"));
+            }
+            if f == "year" && !v.is_empty() && v.parse::<u16>().is_err() {
+                return Err(format!("year: {v:?} is not a year"));
+            }
+            Ok((f, v.to_string()))
+        })
+        .collect()
+}
+
+/// Writes `sets` into the tags of a whole file held in memory, in the
+/// file's own tag format (a file without tags gets its format's primary
+/// tag), and returns the file as it is now: a valid file of its format.
+pub fn edit(bytes: Vec<u8>, sets: &[(String, String)]) -> Result<Vec<u8>, String> {
+    use lofty::config::WriteOptions;
+    use lofty::tag::Tag;
+    use std::io::{Cursor, Seek};
+    let mut cur = Cursor::new(bytes);
+    let mut f = lofty::probe::Probe::new(&mut cur)
+        .guess_file_type()
+        .map_err(|e| e.to_string())?
+        .read()
+        .map_err(|e| format!("not a tagged audio file: {e}"))?;
+    if f.primary_tag().is_none() {
+        f.insert_tag(Tag::new(f.primary_tag_type()));
+    }
+    let tag = f
+        .primary_tag_mut()
+        .ok_or("the file's format has no tag to write")?;
+    for (field, v) in sets {
+        let num = || v.parse::<u32>().unwrap_or(0);
+        let text = |tag: &mut Tag, k: ItemKey| {
+            if v.is_empty() {
+                tag.remove_key(k);
+            } else {
+                tag.insert_text(k, v.clone());
+            }
+        };
+        match (field.as_str(), v.is_empty()) {
+            ("artist", _) => text(tag, ItemKey::TrackArtist),
+            ("albumartist", _) => text(tag, ItemKey::AlbumArtist),
+            ("album", _) => text(tag, ItemKey::AlbumTitle),
+            ("title", _) => text(tag, ItemKey::TrackTitle),
+            ("genre", _) => text(tag, ItemKey::Genre),
+            ("date" | "year", _) => text(tag, ItemKey::RecordingDate),
+            ("track", true) => tag.remove_track(),
+            ("track", false) => tag.set_track(num()),
+            ("tracktotal", true) => tag.remove_track_total(),
+            ("tracktotal", false) => tag.set_track_total(num()),
+            ("disc", true) => tag.remove_disk(),
+            ("disc", false) => tag.set_disk(num()),
+            ("disctotal", true) => tag.remove_disk_total(),
+            ("disctotal", false) => tag.set_disk_total(num()),
+            (other, _) => return Err(format!("{other:?} cannot be set")),
+        }
+    }
+    cur.rewind().map_err(|e| e.to_string())?;
+    f.save_to(&mut cur, WriteOptions::default())
+        .map_err(|e| format!("writing the tags: {e}"))?;
+    Ok(cur.into_inner())
+}

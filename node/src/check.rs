@@ -16,7 +16,7 @@ use proto::meta::{ChunkRecord, DirentRecord, FileKind, GroupRecord, InodeRecord,
 use proto::{group_of_ino, ChunkId, ROOT_INO};
 use serde::Serialize;
 
-use crate::namespace::{keys, KvError, KvRead};
+use crate::namespace::{keys, tagindex, KvError, KvRead};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -92,6 +92,9 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
     let mut dirents: Vec<(u32, u64, Vec<u8>, DirentRecord)> = Vec::new();
     let mut layouts: HashMap<u64, (u32, LayoutRecord)> = HashMap::new();
     let mut tagged: Vec<(u32, u64)> = Vec::new();
+    // Per group: tag records, and the tag index as stored.
+    let mut tag_records: BTreeMap<u32, Vec<(u64, proto::meta::Tags)>> = BTreeMap::new();
+    let mut tag_index: BTreeMap<u32, BTreeMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
     let mut chunks: HashMap<ChunkId, (u32, ChunkRecord)> = HashMap::new();
     let mut records: BTreeMap<u32, GroupRecord> = BTreeMap::new();
     // Reference queues: next sequence per (source, target), batches still
@@ -140,7 +143,10 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                     Err(e) => problems.push(bad("entry", e)),
                 },
                 keys::TAGS => match proto::meta::Tags::decode(v) {
-                    Ok(_) => tagged.push((g, u64_at(rest, 0))),
+                    Ok(t) => {
+                        tagged.push((g, u64_at(rest, 0)));
+                        tag_records.entry(g).or_default().push((u64_at(rest, 0), t));
+                    }
                     Err(e) => problems.push(bad("tags", e)),
                 },
                 keys::LAYOUT => match LayoutRecord::decode(v) {
@@ -189,6 +195,13 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                 keys::OUT_ACKED => {
                     acked.insert((g, u32_at(rest)), u64_at(v, 0));
                 }
+                keys::TAG_DISTINCT if tagindex::is_marker(k) => {}
+                keys::TAG_POSTING | keys::TAG_VALUE | keys::TAG_DISTINCT => {
+                    tag_index
+                        .entry(g)
+                        .or_default()
+                        .insert(k.to_vec(), tagindex::comparable(k, v.to_vec()));
+                }
                 keys::LOCK => problems.push(format!("group {g}: a lock is left")),
                 keys::OUTBOX => {
                     r.queued_ref_batches += 1;
@@ -218,6 +231,30 @@ pub fn check<R: KvRead + ?Sized>(kv: &R) -> Result<Report, KvError> {
                 _ => {}
             }
         })?;
+    }
+    // The tag index holds exactly what the tag records call for.
+    for g in 0..count {
+        let records = tag_records.remove(&g).unwrap_or_default();
+        let want = match tagindex::expected(g, records.iter().map(|(i, t)| (*i, t))) {
+            Ok(w) => w,
+            Err(e) => {
+                problems.push(format!("group {g}: tag index not computable: {e}"));
+                continue;
+            }
+        };
+        let have = tag_index.remove(&g).unwrap_or_default();
+        if want != have {
+            let missing = want.keys().filter(|k| !have.contains_key(*k)).count();
+            let extra = have.keys().filter(|k| !want.contains_key(*k)).count();
+            let differ = want
+                .iter()
+                .filter(|(k, v)| have.get(*k).is_some_and(|h| h != *v))
+                .count();
+            problems.push(format!(
+                "group {g}: tag index out of step with the tags: {missing} entries missing, \
+                 {extra} extra, {differ} with other counts"
+            ));
+        }
     }
     // The counts the recovery loop trusts to skip its scans.
     for g in 0..count {

@@ -21,6 +21,7 @@ use proto::{
 };
 
 pub mod placement;
+pub mod tagindex;
 pub mod txn;
 pub use txn::{DecisionInfo, IntentInfo, OutboxInfo};
 
@@ -198,6 +199,11 @@ pub mod keys {
     pub const ZERO: u8 = b'z';
     /// Music tags of a regular file (`Tags`), by inode.
     pub const TAGS: u8 = b'M';
+    /// The tag index (`tagindex`): a posting per track and indexed field,
+    /// a record per distinct value, and the number of distinct values.
+    pub const TAG_POSTING: u8 = b'S';
+    pub const TAG_VALUE: u8 = b's';
+    pub const TAG_DISTINCT: u8 = b'c';
     /// The key the directory-rename lock is taken on (group 0).
     pub const RENAME_LOCK: &[u8] = b"Zrename";
 
@@ -222,6 +228,43 @@ pub mod keys {
     }
     pub fn tags_prefix(group: u32) -> Vec<u8> {
         tagged(group, TAGS, 0)
+    }
+    /// `[field][norm]\0`: the postings of one value; an inode follows.
+    pub fn postings(group: u32, field: u8, norm: &[u8]) -> Vec<u8> {
+        let mut k = tagged(group, TAG_POSTING, 2 + norm.len() + 8);
+        k.push(field);
+        k.extend_from_slice(norm);
+        k.push(0);
+        k
+    }
+    pub fn posting(group: u32, field: u8, norm: &[u8], ino: u64) -> Vec<u8> {
+        let mut k = postings(group, field, norm);
+        k.extend_from_slice(&ino.to_be_bytes());
+        k
+    }
+    pub fn postings_prefix(group: u32) -> Vec<u8> {
+        tagged(group, TAG_POSTING, 0)
+    }
+    pub fn tag_values(group: u32, field: u8) -> Vec<u8> {
+        let mut k = tagged(group, TAG_VALUE, 1);
+        k.push(field);
+        k
+    }
+    pub fn tag_value(group: u32, field: u8, norm: &[u8]) -> Vec<u8> {
+        let mut k = tag_values(group, field);
+        k.extend_from_slice(norm);
+        k
+    }
+    pub fn tag_values_prefix(group: u32) -> Vec<u8> {
+        tagged(group, TAG_VALUE, 0)
+    }
+    pub fn tag_distinct(group: u32, field: u8) -> Vec<u8> {
+        let mut k = tagged(group, TAG_DISTINCT, 1);
+        k.push(field);
+        k
+    }
+    pub fn tag_distinct_prefix(group: u32) -> Vec<u8> {
+        tagged(group, TAG_DISTINCT, 0)
     }
     pub fn layout(group: u32, ino: u64) -> Vec<u8> {
         let mut k = tagged(group, LAYOUT, 8);
@@ -723,6 +766,7 @@ impl Namespace {
             Op::ReapChunks(op) => self.reap_chunks(txn, op),
             Op::Settle(op) => self.settle(txn, op),
             Op::SetTags(op) => self.set_tags(txn, op),
+            Op::IndexTags(op) => self.index_tags(txn, op),
         }
     }
 
@@ -738,17 +782,29 @@ impl Namespace {
                 op.ino
             )));
         }
-        match &op.tags {
-            Some(t) => {
-                proto::tags::check_tags(t).map_err(|e| NsError::Invalid(e.to_string()))?;
-                txn.put(keys::tags(self.group, op.ino), t);
-            }
-            None => txn.delete(keys::tags(self.group, op.ino)),
+        if let Some(t) = &op.tags {
+            proto::tags::check_tags(t).map_err(|e| NsError::Invalid(e.to_string()))?;
+        }
+        self.drop_tags(txn, op.ino)?;
+        if let Some(t) = &op.tags {
+            tagindex::index(txn, self.group, op.ino, t, true)?;
+            txn.put(keys::tags(self.group, op.ino), t);
         }
         Ok(CommandResult {
             attr: rec.attr,
             ..Default::default()
         })
+    }
+
+    /// Deletes a file's tags and their index entries, if it has any.
+    fn drop_tags<R: KvRead + ?Sized>(&self, txn: &mut Txn<'_, R>, ino: u64) -> Result<(), NsError> {
+        let key = keys::tags(self.group, ino);
+        if let Some(b) = txn.get(&key)? {
+            let old: Tags = decode(&key, &b)?;
+            tagindex::index(txn, self.group, ino, &old, false)?;
+            txn.delete(key);
+        }
+        Ok(())
     }
 
     /// Tracks of this group whose tags match `q`, in inode order.
@@ -760,6 +816,9 @@ impl Namespace {
     ) -> Result<(), NsError> {
         proto::tags::check_terms(&q.terms).map_err(|e| NsError::Invalid(e.to_string()))?;
         let limit = (q.limit as usize).clamp(1, MAX_SEARCH);
+        if self.search_indexed(kv, q, limit, out)? {
+            return Ok(());
+        }
         let prefix = keys::tags_prefix(self.group);
         let mut after = if q.after_ino == 0 {
             Vec::new()
@@ -862,6 +921,8 @@ impl Namespace {
                 existing.cluster_id
             )));
         }
+        // A new group has no tags, so its (empty) tag index is complete.
+        tagindex::mark_built(txn, self.group);
         let mut rec = GroupRecord {
             format_version: FORMAT_VERSION,
             cluster_id: op.cluster_id.clone(),
@@ -1066,7 +1127,7 @@ impl Namespace {
             let old = self.load_layout(txn, ino)?;
             self.change_refs(txn, &old, &[], &HashMap::new(), now)?;
             txn.delete(keys::layout(self.group, ino));
-            txn.delete(keys::tags(self.group, ino));
+            self.drop_tags(txn, ino)?;
             txn.delete(keys::inode(self.group, ino));
             self.count_inode_freed(txn)?;
         } else {
@@ -1718,6 +1779,8 @@ impl Namespace {
                 }
             }
             Q::Search(q) => self.search(kv, q, &mut out)?,
+            Q::TagValues(q) => self.tag_values(kv, q, &mut out)?,
+            Q::TagTracks(q) => self.tag_tracks(kv, q, &mut out)?,
             Q::StatFs(_) => {
                 let g = self.group_record(kv)?;
                 out.stat_fs = Some(StatFs {

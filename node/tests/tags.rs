@@ -4,8 +4,8 @@
 use musicfs_node::namespace::{keys, KvRead, MemKv, Namespace};
 use proto::meta::{
     command::Op, query::Q, Command, CommandResult, CreateOp, Error as WireError, ErrorCode,
-    FileKind, GetTagsQuery, InitOp, Query, QueryResult, RemoveOp, SearchQuery, SetTagsOp, TagTerm,
-    Tags, Timespec,
+    FileKind, GetTagsQuery, IndexTagsOp, InitOp, Query, QueryResult, RemoveOp, SearchQuery,
+    SetTagsOp, TagTerm, TagTracksQuery, TagValuesQuery, Tags, Timespec,
 };
 use proto::ROOT_INO;
 
@@ -165,4 +165,228 @@ fn tags_are_kept_per_file_searched_in_pages_and_dropped_with_the_inode() {
             .map(|(k, _)| u64::from_be_bytes(k[5..].try_into().expect("ino")))
             .collect();
     assert_eq!(left, vec![inos[2], inos[3], inos[4]]);
+}
+
+fn values(g: &Group, field: &str) -> Vec<(String, u64)> {
+    let r = g
+        .query(Q::TagValues(TagValuesQuery {
+            field: field.into(),
+            after: None,
+            limit: 100,
+        }))
+        .expect("values");
+    r.values.into_iter().map(|v| (v.value, v.count)).collect()
+}
+
+fn tracks_of(g: &Group, field: &str, value: &str) -> Vec<u64> {
+    let r = g
+        .query(Q::TagTracks(TagTracksQuery {
+            field: field.into(),
+            value: value.into(),
+            after_ino: 0,
+            limit: 100,
+        }))
+        .expect("tracks");
+    r.tracks.into_iter().map(|h| h.ino).collect()
+}
+
+fn assert_consistent(g: &Group) {
+    let report = musicfs_node::check::check(&g.0).expect("check");
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn the_tag_index_follows_every_change_and_answers_views_and_search() {
+    let mut g = Group::new();
+    let mut inos = Vec::new();
+    for (i, artist) in ["Björk", "björk", "Portishead", ""].iter().enumerate() {
+        let ino = g.create(&format!("t{i}.flac"), FileKind::Regular);
+        g.apply(Op::SetTags(SetTagsOp {
+            ino,
+            tags: Some(track(artist, if i == 3 { 0 } else { 1993 + i as u32 })),
+        }))
+        .expect("set tags");
+        inos.push(ino);
+    }
+    assert_consistent(&g);
+    // Case-insensitive values, the first spelling kept, missing ones empty.
+    assert_eq!(
+        values(&g, "artist"),
+        vec![
+            (String::new(), 1),
+            ("Björk".into(), 2),
+            ("Portishead".into(), 1)
+        ]
+    );
+    assert_eq!(
+        values(&g, "year"),
+        vec![
+            (String::new(), 1),
+            ("1993".into(), 1),
+            ("1994".into(), 1),
+            ("1995".into(), 1)
+        ]
+    );
+    // Album artist falls back to the artist.
+    assert_eq!(
+        tracks_of(&g, "albumartist", "BJÖRK"),
+        vec![inos[0], inos[1]]
+    );
+    assert_eq!(tracks_of(&g, "year", "1995"), vec![inos[2]]);
+    // Paging distinct values with a cursor, the empty value included.
+    let first = g
+        .query(Q::TagValues(TagValuesQuery {
+            field: "artist".into(),
+            after: None,
+            limit: 1,
+        }))
+        .expect("page 1");
+    assert!(first.more);
+    assert_eq!(first.values[0].value, "");
+    let second = g
+        .query(Q::TagValues(TagValuesQuery {
+            field: "artist".into(),
+            after: Some(first.values[0].key.clone()),
+            limit: 1,
+        }))
+        .expect("page 2");
+    assert_eq!(second.values[0].value, "Björk");
+
+    // A re-tag moves the track; the last track of a value takes it away.
+    g.apply(Op::SetTags(SetTagsOp {
+        ino: inos[2],
+        tags: Some(track("Björk", 1995)),
+    }))
+    .expect("re-tag");
+    assert_eq!(
+        values(&g, "artist"),
+        vec![(String::new(), 1), ("Björk".into(), 3)]
+    );
+    // Search through the index and through the records agree.
+    let hits = |terms: Vec<TagTerm>| -> Vec<u64> {
+        g.query(Q::Search(SearchQuery {
+            terms,
+            after_ino: 0,
+            limit: 100,
+        }))
+        .expect("search")
+        .tracks
+        .into_iter()
+        .map(|h| h.ino)
+        .collect()
+    };
+    assert_eq!(
+        hits(vec![term("artist", "jör"), term("year", "1994..")]),
+        vec![inos[1], inos[2]]
+    );
+    assert_eq!(hits(vec![term("any", "song of 1993")]), vec![inos[0]]);
+    assert_eq!(
+        hits(vec![term("codec", "")]).len(),
+        4,
+        "not indexed: scanned"
+    );
+
+    // Unlink drops the postings; the checker agrees at every step.
+    g.apply(Op::Remove(RemoveOp {
+        parent: ROOT_INO,
+        name: b"t0.flac".to_vec().into(),
+        dir: false,
+    }))
+    .expect("unlink");
+    assert_eq!(tracks_of(&g, "artist", "björk"), vec![inos[1], inos[2]]);
+    assert_consistent(&g);
+    let e = g
+        .query(Q::TagValues(TagValuesQuery {
+            field: "codec".into(),
+            after: None,
+            limit: 10,
+        }))
+        .expect_err("not indexed");
+    assert!(e.contains("not an indexed tag field"), "{e}");
+}
+
+#[test]
+fn tags_stored_before_the_index_are_indexed_by_reindex() {
+    let mut g = Group::new();
+    let mut inos = Vec::new();
+    for i in 0..5u32 {
+        let ino = g.create(&format!("t{i}.flac"), FileKind::Regular);
+        g.apply(Op::SetTags(SetTagsOp {
+            ino,
+            tags: Some(track(if i < 3 { "Low" } else { "Lush" }, 1990 + i)),
+        }))
+        .expect("set tags");
+        inos.push(ino);
+    }
+    // A group as an older version left it: tags, no index, no marker.
+    let old: Vec<Vec<u8>> =
+        g.0 .0
+            .keys()
+            .filter(|k| {
+                matches!(
+                    k[4],
+                    keys::TAG_POSTING | keys::TAG_VALUE | keys::TAG_DISTINCT
+                )
+            })
+            .cloned()
+            .collect();
+    assert!(!old.is_empty());
+    for k in old {
+        g.0 .0.remove(&k);
+    }
+    let e = g
+        .query(Q::TagValues(TagValuesQuery {
+            field: "artist".into(),
+            after: None,
+            limit: 10,
+        }))
+        .expect_err("no index yet");
+    assert!(e.contains("musicfs tag reindex"), "{e}");
+    // Search still answers, from the records.
+    let r = g
+        .query(Q::Search(SearchQuery {
+            terms: vec![term("artist", "low")],
+            after_ino: 0,
+            limit: 10,
+        }))
+        .expect("search");
+    assert_eq!(r.tracks.len(), 3);
+    // A track re-tagged meanwhile is indexed once, not twice.
+    g.apply(Op::SetTags(SetTagsOp {
+        ino: inos[4],
+        tags: Some(track("Lush", 1994)),
+    }))
+    .expect("re-tag");
+    let mut after = 0;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        assert!(calls < 20, "reindex does not finish");
+        let r = g
+            .apply(Op::IndexTags(IndexTagsOp {
+                after_ino: after,
+                limit: 2,
+            }))
+            .expect("index");
+        if r.done {
+            break;
+        }
+        after = r.next_ino;
+    }
+    assert_eq!(calls, 3, "five records, two a call");
+    assert_eq!(
+        values(&g, "artist"),
+        vec![("Low".into(), 3), ("Lush".into(), 2)]
+    );
+    assert_consistent(&g);
+    // Once built, another run changes nothing.
+    let before = g.0.clone();
+    let r = g
+        .apply(Op::IndexTags(IndexTagsOp {
+            after_ino: 0,
+            limit: 2,
+        }))
+        .expect("again");
+    assert!(r.done);
+    assert_eq!(before.0, g.0 .0);
 }

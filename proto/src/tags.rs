@@ -76,8 +76,27 @@ fn field<'a>(t: &'a Tags, name: &str) -> Option<Field<'a>> {
     })
 }
 
+/// A value as the tag index orders and compares it: text in lowercase, a
+/// year as ten digits (so years sort as numbers; a missing year is empty);
+/// `None` for a year that is not a number.
+pub fn index_norm(is_year: bool, value: &str) -> Option<Vec<u8>> {
+    if !is_year {
+        return Some(value.to_lowercase().into_bytes());
+    }
+    match value.trim() {
+        "" => Some(Vec::new()),
+        v => v.parse::<u32>().ok().map(|y| {
+            if y == 0 {
+                Vec::new()
+            } else {
+                format!("{y:010}").into_bytes()
+            }
+        }),
+    }
+}
+
 /// `N`, `LO..HI`, `LO..` or `..HI`, inclusive.
-fn range(field: &str, v: &str) -> Result<(u64, u64), TagError> {
+pub fn range_of(field: &str, v: &str) -> Result<(u64, u64), TagError> {
     let bad = || TagError::BadNumber {
         field: field.into(),
         value: v.into(),
@@ -114,7 +133,7 @@ pub fn check_terms(terms: &[TagTerm]) -> Result<(), TagError> {
         match field(&probe, &t.field) {
             None => return Err(TagError::UnknownField(t.field.clone())),
             Some(Field::Number(_)) => {
-                range(&t.field, &t.value)?;
+                range_of(&t.field, &t.value)?;
             }
             Some(_) => {}
         }
@@ -130,7 +149,7 @@ pub fn matches(tags: &Tags, terms: &[TagTerm]) -> bool {
         match field(tags, &term.field) {
             Some(Field::Text(s)) => contains_ci(s, &needle),
             Some(Field::Number(n)) => {
-                range(&term.field, &term.value).is_ok_and(|(lo, hi)| lo <= n && n <= hi)
+                range_of(&term.field, &term.value).is_ok_and(|(lo, hi)| lo <= n && n <= hi)
             }
             Some(Field::AnyText) => [
                 &tags.artist,
