@@ -66,8 +66,10 @@ fn flac(h: &[u8]) -> Vec<usize> {
         let last = h[at] & 0x80 != 0;
         let kind = h[at] & 0x7f;
         let next = at + 4 + be24(&h[at + 1..at + 4]);
+        // The image alone: the block header carries the last-block flag,
+        // and taggers rewrite the picture's description fields.
         if kind == PICTURE {
-            cuts.push(at);
+            cuts.push(flac_picture_data(h, at + 4, next));
             cuts.push(next);
         }
         at = next;
@@ -80,6 +82,43 @@ fn flac(h: &[u8]) -> Vec<usize> {
         }
     }
     cuts
+}
+
+/// Where the image data of a FLAC PICTURE block body (`body..end`)
+/// starts: after type, MIME type, description, dimensions and length.
+/// The body's start if the fields do not add up.
+fn flac_picture_data(h: &[u8], body: usize, end: usize) -> usize {
+    let field = |at: usize| h.get(at..at + 4).map(be32);
+    let data = (|| {
+        let mime = field(body + 4)?;
+        let desc_at = body + 8 + mime;
+        let desc = field(desc_at)?;
+        let data = desc_at + 4 + desc + 16 + 4;
+        (data <= end).then_some(data)
+    })();
+    data.unwrap_or(body)
+}
+
+/// Where the image data of an ID3v2 APIC frame body (`body..end`) starts:
+/// after text encoding, MIME type, picture type and description. Taggers
+/// rewrite those (a 2.3 tag saved as 2.4 changes the encoding byte); the
+/// image stays the same. The body's start if the fields do not add up.
+fn apic_data(h: &[u8], body: usize, end: usize) -> usize {
+    let data = (|| {
+        let end = end.min(h.len());
+        let enc = *h.get(body)?;
+        let mime_end = body + 1 + h.get(body + 1..end)?.iter().position(|&b| b == 0)?;
+        let desc = mime_end + 2; // past the NUL and the picture type
+        let bytes = h.get(desc..end)?;
+        let after_desc = if enc == 1 || enc == 2 {
+            // UTF-16: a NUL of two bytes, on a character boundary.
+            desc + bytes.chunks_exact(2).position(|c| c == [0, 0])? * 2 + 2
+        } else {
+            desc + bytes.iter().position(|&b| b == 0)? + 1
+        };
+        (after_desc <= end).then_some(after_desc)
+    })();
+    data.unwrap_or(body)
 }
 
 fn syncsafe(b: &[u8]) -> Option<usize> {
@@ -136,7 +175,7 @@ fn id3v2(h: &[u8]) -> Vec<usize> {
             break;
         }
         if id == b"APIC" {
-            cuts.push(at);
+            cuts.push(apic_data(h, at + 10, next));
             cuts.push(next);
         }
         at = next;
@@ -222,10 +261,45 @@ mod tests {
         let audio = f.len() - 1002;
         let cuts = boundaries(&f);
         // Stream info and tags together, the picture alone, padding, audio.
-        assert_eq!(cuts, vec![53, 107, audio]);
+        assert_eq!(cuts, vec![57, 107, audio]);
+        // The picture's bytes do not include its block header, so the
+        // picture is the same chunk when a tagger makes it the last block.
+        let mut h = f.clone();
+        h[53] |= 0x80;
+        let cut_h = boundaries(&h[..107]);
+        assert_eq!(h[cut_h[0]..107], f[57..107]);
         // A longer title moves the audio, which still starts a segment.
         let g = flac_file(b"TITLE=a much longer title", &[9; 50], &[1; 1000]);
         assert_eq!(*boundaries(&g).last().expect("cut"), g.len() - 1002);
+    }
+
+    #[test]
+    fn pictures_are_cut_where_their_image_data_starts() {
+        let image = [0xFFu8, 0xD8, 0xFF, 0xE0, 1, 2, 3];
+        // FLAC PICTURE: type, MIME, description, 16 bytes of dimensions,
+        // data length, data.
+        let mut pic = 3u32.to_be_bytes().to_vec();
+        pic.extend(10u32.to_be_bytes());
+        pic.extend(b"image/jpeg");
+        pic.extend(5u32.to_be_bytes());
+        pic.extend(b"front");
+        pic.extend([0; 16]);
+        pic.extend((image.len() as u32).to_be_bytes());
+        pic.extend(image);
+        let f = flac_file(b"TITLE=a", &pic, &[1; 100]);
+        let cuts = boundaries(&f);
+        assert_eq!(f[cuts[0]..cuts[1]], image);
+        // ID3v2 APIC in Latin-1 and in UTF-16 (two-byte terminator).
+        for (enc, desc) in [(0u8, &b"front\0"[..]), (1, &b"\xff\xfef\0\0\0"[..])] {
+            let mut body = vec![enc];
+            body.extend(b"image/jpeg\0\x03");
+            body.extend(desc);
+            body.extend(image);
+            assert_eq!(apic_data(&body, 0, body.len()), body.len() - image.len());
+        }
+        // Fields that do not add up: the body's start.
+        assert_eq!(apic_data(b"\0image", 0, 6), 0);
+        assert_eq!(flac_picture_data(&[0xFF; 20], 0, 20), 0);
     }
 
     #[test]
@@ -254,7 +328,7 @@ mod tests {
         let audio = f.len();
         f.extend([0xFF, 0xFB, 0x90, 0x00]);
         f.extend([3; 500]);
-        assert_eq!(boundaries(&f), vec![apic_at, apic_end, audio]);
+        assert_eq!(boundaries(&f), vec![apic_at + 10, apic_end, audio]);
     }
 
     #[test]

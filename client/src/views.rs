@@ -304,13 +304,16 @@ impl Table {
     }
 }
 
+/// Results kept for `LISTING_TTL`, with the time they were made.
+type Timed<K, V> = Mutex<HashMap<K, (Instant, Arc<V>)>>;
+
 pub struct Views {
     pub dir_name: String,
     templates: Vec<Template>,
     table: Mutex<Table>,
-    listings: Mutex<HashMap<u64, (Instant, Arc<Vec<Child>>)>>,
+    listings: Timed<u64, Vec<Child>>,
     /// Tracks of a first-level value, shared by the directories under it.
-    tracks: Mutex<HashMap<(usize, String), (Instant, Arc<Vec<TrackHit>>)>>,
+    tracks: Timed<(usize, String), Vec<TrackHit>>,
     started: Timespec,
 }
 

@@ -310,3 +310,202 @@ async fn a_library_imports_and_syncs_sending_only_what_changed() {
     assert!(err.contains("/nonexistent-library"), "{err}");
     fs.resolve("/music/notes.txt").await.expect("still there");
 }
+
+/// Names in a directory, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Where a FLAC file's audio frames start: after its metadata blocks.
+fn flac_audio_start(b: &[u8]) -> usize {
+    assert_eq!(&b[..4], b"fLaC", "a FLAC file");
+    let mut at = 4;
+    loop {
+        let last = b[at] & 0x80 != 0;
+        let len = u32::from_be_bytes([0, b[at + 1], b[at + 2], b[at + 3]]) as usize;
+        at += 4 + len;
+        if last {
+            return at;
+        }
+    }
+}
+
+/// Where an MP3 file's frames start: after its ID3v2 tag, if any.
+fn mp3_audio_start(b: &[u8]) -> usize {
+    if &b[..3] != b"ID3" {
+        return 0;
+    }
+    let size = b[6..10]
+        .iter()
+        .fold(0usize, |n, x| (n << 7) | usize::from(x & 0x7f));
+    let footer = if b[5] & 0x10 != 0 { 10 } else { 0 };
+    10 + size + footer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_views_list_every_track_and_tag_set_moves_kilobytes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lib = tmp.path().join("lib");
+    mklib(&lib, 2, 2, 4);
+    let c = TestCluster::start(3, &[]).await;
+    c.init_groups(4).await;
+    let r = report(
+        &c,
+        &["import", "--json", lib.to_str().expect("utf-8"), "/music"],
+    );
+    assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let fs = c.client(std::time::Duration::from_secs(30)).await;
+    let track =
+        |fmt: &str, a: u32, t: u32| format!("{fmt}/Artist {a}/Album {a}/0{t} Song {a}-{t}.{fmt}");
+
+    let mnt = tmp.path().join("mnt");
+    let m = common::Mount::new(&c.seeds(), &mnt, 30).await;
+    let views = m.path.join(".views");
+    assert!(
+        names(&m.path).contains(&".views".to_string()),
+        "the root lists the views: {:?}",
+        names(&m.path)
+    );
+    assert_eq!(names(&views), ["artists", "genres", "years"]);
+    assert_eq!(names(&views.join("artists")), ["Artist 1", "Artist 2"]);
+    assert_eq!(names(&views.join("artists/Artist 1")), ["Album 1"]);
+    let album = views.join("artists/Artist 2/Album 2");
+    let mut want = Vec::new();
+    for t in 1..=2 {
+        for ext in ["flac", "mp3", "ogg", "opus"] {
+            want.push(format!("0{t} Song 2-{t}.{ext}"));
+        }
+    }
+    want.sort();
+    assert_eq!(names(&album), want);
+    // A view's files are the tracks: the same bytes as the source.
+    for a in 1..=2u32 {
+        for t in 1..=2u32 {
+            for fmt in ["flac", "mp3", "ogg", "opus"] {
+                let in_view = views.join(format!(
+                    "artists/Artist {a}/Album {a}/0{t} Song {a}-{t}.{fmt}"
+                ));
+                let got = std::fs::read(&in_view)
+                    .unwrap_or_else(|e| panic!("read {}: {e}", in_view.display()));
+                let src = std::fs::read(lib.join(track(fmt, a, t))).expect("source");
+                assert!(got == src, "{} differs from its track", in_view.display());
+            }
+        }
+    }
+    // Genre and year views, and paths looked up without a listing first.
+    let genres = names(&views.join("genres"));
+    assert!(
+        !genres.is_empty() && !genres.iter().any(|g| g.is_empty()),
+        "{genres:?}"
+    );
+    let year = tags(&c, &format!("/music/{}", track("flac", 1, 1)))["year"]
+        .as_u64()
+        .expect("year");
+    assert!(views
+        .join(format!("years/{year}/Artist 1/Album 1/01 Song 1-1.flac"))
+        .is_file());
+    assert!(!views.join("artists/Nobody").exists());
+
+    // Read-only: no writes, creates, removes or renames inside a view.
+    let some = album.join("01 Song 2-1.flac");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&some)
+        .expect_err("a view is read-only");
+    assert!(
+        e.raw_os_error() == Some(libc::EROFS) || e.raw_os_error() == Some(libc::EACCES),
+        "{e}"
+    );
+    let e = std::fs::create_dir(album.join("new")).expect_err("no mkdir in a view");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = std::fs::remove_file(&some).expect_err("no unlink in a view");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+    // `tag set` on a FLAC and an MP3 track: a valid file with the new tags
+    // in front of the same audio bytes, and only kilobytes sent.
+    for (fmt, start) in [
+        ("flac", flac_audio_start as fn(&[u8]) -> usize),
+        ("mp3", mp3_audio_start),
+    ] {
+        let path = format!("/music/{}", track(fmt, 1, 1));
+        let before = fs.read_file(&path).await.expect("read");
+        let r = report(
+            &c,
+            &[
+                "tag",
+                "set",
+                "--json",
+                &path,
+                "title=A retitled song",
+                "year=2001",
+            ],
+        );
+        let sent = r["bytes_sent"].as_u64().expect("bytes_sent");
+        eprintln!("tag set on {fmt}: {sent} bytes of new chunk data sent");
+        assert!(sent < 16 << 10, "{fmt}: {sent} bytes sent for a title edit");
+        assert_eq!(r["title"], "A retitled song", "{r}");
+        let after = fs.read_file(&path).await.expect("read");
+        assert!(
+            before[start(&before)..] == after[start(&after)..],
+            "{fmt}: the audio bytes changed"
+        );
+        let local = tmp.path().join(format!("edited.{fmt}"));
+        std::fs::write(&local, &after).expect("write local copy");
+        let t = musicfs_client::tags::read(&local).expect("lofty reads the edited file");
+        assert_eq!((t.title.as_str(), t.year), ("A retitled song", 2001));
+        assert_eq!(t.artist, "Artist 1", "{fmt}: other tags kept");
+        if fmt == "flac" {
+            run("flac", &["-t", "-s", local.to_str().expect("utf-8")]);
+        }
+        assert_eq!(tags(&c, &path)["title"], "A retitled song");
+    }
+    // Ogg re-paginates on a re-tag: still a valid stream.
+    let ogg = format!("/music/{}", track("ogg", 1, 1));
+    report(&c, &["tag", "set", "--json", &ogg, "title=A retitled song"]);
+    let local = tmp.path().join("edited.ogg");
+    std::fs::write(&local, fs.read_file(&ogg).await.expect("read")).expect("write");
+    run("ogginfo", &["-q", local.to_str().expect("utf-8")]);
+    assert_eq!(
+        search(&c, &["title:retitled"]).len(),
+        3,
+        "search sees the new titles"
+    );
+    // The view follows: the renamed tracks appear under their new names.
+    let renamed = views.join("artists/Artist 1/Album 1/01 A retitled song.flac");
+    common::wait_for(
+        "the re-tagged track under its new name in the view",
+        std::time::Duration::from_secs(20),
+        || {
+            let ok = renamed.is_file();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    assert!(views.join("years/2001/Artist 1/Album 1").is_dir());
+
+    // Bad input is refused and changes nothing.
+    let out = musicfs(&c, &["tag", "set", &ogg, "colour=blue"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be set"));
+    let cover = fs.read_file("/music/cover1.jpg").await.expect("cover");
+    let out = musicfs(&c, &["tag", "set", "/music/cover1.jpg", "title=x"]);
+    assert!(!out.status.success(), "a picture has no tags to set");
+    assert!(fs.read_file("/music/cover1.jpg").await.expect("cover") == cover);
+    // Building the index again is harmless: every group already has it.
+    report_ok(&c, &["tag", "reindex"]);
+    drop(m);
+}
+
+fn report_ok(c: &TestCluster, args: &[&str]) {
+    let out = musicfs(c, args);
+    assert!(
+        out.status.success(),
+        "musicfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

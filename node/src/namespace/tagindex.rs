@@ -29,6 +29,9 @@ const YEAR: u8 = 6;
 /// What a bare word (`any`) matches: the text fields.
 const ANY: [u8; 5] = [1, 2, 3, 4, 5];
 
+/// An indexed field and a normalized value of it.
+type FieldValue = (u8, Vec<u8>);
+
 /// Distinct values or postings read per page.
 const PAGE: usize = 1000;
 /// A search whose best term still names more tracks than this, or whose
@@ -363,7 +366,8 @@ impl Namespace {
             planned.push((distinct, term, fields));
         }
         planned.sort_by_key(|(d, _, _)| *d);
-        let mut best: Option<(u64, Vec<(u8, Vec<u8>)>)> = None;
+        // The fewest tracks named so far, and the (field, value) pairs.
+        let mut best: Option<(u64, Vec<FieldValue>)> = None;
         for (distinct, term, fields) in planned {
             let bound = best.as_ref().map_or(MAX_CANDIDATES, |(n, _)| *n);
             if distinct > bound {
