@@ -166,7 +166,13 @@ pub struct Fs {
     keep_tags: std::sync::atomic::AtomicBool,
     /// Tag views offered at the root (a mount sets them; tools do not).
     views: std::sync::OnceLock<Arc<Views>>,
+    /// Where files were last seen (directory, name), so a content change
+    /// tells the change feed its path.
+    names: Mutex<HashMap<u64, (u64, Bytes)>>,
 }
+
+/// Most inodes whose names a client remembers for the change feed.
+const MAX_NAMES: usize = 65_536;
 
 /// A chunk fetch that several readers (and readahead) can await.
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Bytes, String>>>;
@@ -187,6 +193,7 @@ impl Fs {
             me: me.clone(),
             keep_tags: std::sync::atomic::AtomicBool::new(false),
             views: std::sync::OnceLock::new(),
+            names: Mutex::new(HashMap::new()),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -213,6 +220,19 @@ impl Fs {
 
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// Notes that `ino` is called `name` in `parent`.
+    pub fn saw(&self, ino: u64, parent: u64, name: &[u8]) {
+        let mut names = lock(&self.names);
+        if names.len() >= MAX_NAMES && !names.contains_key(&ino) {
+            names.clear();
+        }
+        names.insert(ino, (parent, Bytes::copy_from_slice(name)));
+    }
+
+    fn name_of(&self, ino: u64) -> (u64, Bytes) {
+        lock(&self.names).get(&ino).cloned().unwrap_or_default()
     }
 
     /// Offers tag views under `views.dir_name` at the root (once).
@@ -282,9 +302,13 @@ impl Fs {
         let attr = match (r.attr, r.entry) {
             (Some(a), _) => a,
             // The entry names an inode of another group: ask that group.
-            (None, Some(e)) => return self.getattr(e.ino).await,
+            (None, Some(e)) => {
+                self.saw(e.ino, parent, name);
+                return self.getattr(e.ino).await;
+            }
             (None, None) => Self::attr_of(None)?,
         };
+        self.saw(attr.ino, parent, name);
         Ok(self.local_view(attr).await)
     }
 
@@ -373,7 +397,9 @@ impl Fs {
                 }),
             )
             .await?;
-        Self::attr_of(r.attr)
+        let a = Self::attr_of(r.attr)?;
+        self.saw(a.ino, parent, name);
+        Ok(a)
     }
 
     /// Creates many entries in one directory (see `create_entries`).
@@ -1082,6 +1108,7 @@ impl Fs {
         }
         self.spill(st, true).await?;
         let mut rechecked = false;
+        let hint = self.name_of(st.ino);
         loop {
             let op = CommitLayoutOp {
                 ino: st.ino,
@@ -1091,6 +1118,8 @@ impl Fs {
                 mtime: st.mtime,
                 kill_suid: false,
                 checked_at_ms: st.checked_at_ms,
+                hint_parent: hint.0,
+                hint_name: hint.1.clone(),
             };
             // The same commit as one that failed without an answer goes
             // under that one's id; any other is a new request.
@@ -1412,6 +1441,31 @@ impl Fs {
         }))
         .await?;
         Ok(per_group.into_iter().flatten().collect())
+    }
+
+    /// Events of `group`'s change feed after `after_seq` (`QueryResult`'s
+    /// `changes`, `more`, `next_seq` and `oldest_seq`).
+    pub async fn changes(
+        &self,
+        group: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<proto::meta::QueryResult> {
+        self.cluster
+            .query(
+                group,
+                Q::Changes(proto::meta::ChangesQuery { after_seq, limit }),
+            )
+            .await
+    }
+
+    /// The parent of directory `ino`.
+    pub async fn parent_of(&self, ino: u64) -> Result<u64> {
+        let r = self
+            .cluster
+            .query(group_of_ino(ino), Q::GetAttr(GetAttrQuery { ino }))
+            .await?;
+        Ok(r.parent)
     }
 
     /// Builds the tag index of every group that lacks one (tags stored

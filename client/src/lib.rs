@@ -14,6 +14,7 @@ pub mod pattern;
 pub mod sync;
 pub mod tags;
 pub mod views;
+pub mod watch;
 
 pub use conn::{parse_seeds, Cluster, ClusterConfig};
 pub use error::ClientError;

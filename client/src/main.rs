@@ -235,6 +235,31 @@ enum Cmd {
     /// cluster whose tags predate it (`musicfs tag reindex`).
     #[command(subcommand)]
     Tag(TagCmd),
+    /// Print what changed in the cluster (created, deleted, modified,
+    /// retagged paths), one line or JSON object per change, from a cursor
+    /// kept in a file: run it again (or with --follow) and it goes on from
+    /// where it stopped, so each change is reported once. A media server
+    /// rescans just those paths (docs/OPERATIONS.md, "Change feed").
+    Watch {
+        #[arg(long, env = "MUSICFS_CLUSTER")]
+        cluster: String,
+        /// The cursor file (made on first use).
+        #[arg(long)]
+        cursor: PathBuf,
+        /// Keep watching; without it, print what is pending and exit.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how often the feed is read.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// A new cursor starts at the end (changes from now on) instead
+        /// of the oldest change the cluster keeps.
+        #[arg(long)]
+        from_now: bool,
+        /// One JSON object per change and line (JSON Lines).
+        #[arg(long)]
+        json: bool,
+    },
     /// Find tracks by their tags, beets-style: `artist:Radiohead
     /// year:1995..2000 genre:rock`; bare words match artist, album artist,
     /// album, title or genre; quotes keep spaces (`album:"OK Computer"`).
@@ -1240,6 +1265,14 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Watch {
+            cluster,
+            cursor,
+            follow,
+            interval_ms,
+            from_now,
+            json,
+        } => watch(&cluster, &cursor, follow, interval_ms, from_now, json).await?,
         Cmd::Tag(TagCmd::Reindex { cluster }) => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 1 << 20);
             fs.reindex_tags().await?;
@@ -1289,6 +1322,56 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `musicfs watch`: prints changes past the cursor, saving the cursor
+/// after each batch is written out.
+async fn watch(
+    cluster: &str,
+    path: &std::path::Path,
+    follow: bool,
+    interval_ms: u64,
+    from_now: bool,
+    json: bool,
+) -> Result<()> {
+    use musicfs_client::watch::{Cursor, Watcher};
+    let fs = Fs::new(connect(cluster, Duration::from_secs(30)).await?, 1 << 20);
+    let mut w = Watcher::new(&fs);
+    let mut cursor = match Cursor::load(path)? {
+        Some(c) => c,
+        None if from_now => w.cursor_now().await?,
+        None => Cursor::default(),
+    };
+    cursor.save(path)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let mut lines = Vec::new();
+        w.poll(&mut cursor, &mut |c| {
+            lines.push(if json {
+                serde_json::to_string(&c).unwrap_or_default()
+            } else {
+                format!("{:<9} {}", c.kind, c.path)
+            })
+        })
+        .await?;
+        if !lines.is_empty() {
+            let mut out = std::io::stdout().lock();
+            for l in &lines {
+                writeln!(out, "{l}")?;
+            }
+            out.flush()?;
+            // Only what reached stdout counts as reported.
+            cursor.save(path)?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(interval_ms.max(50))) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        }
+    }
 }
 
 /// `import` and `sync`: exit 0 when everything was copied, 1 when some

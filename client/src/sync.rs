@@ -385,6 +385,8 @@ async fn namespace_pass(
                     rep.bytes_unchanged += size;
                     continue;
                 }
+                // The change feed names the file by where it is.
+                fs.saw(attr.ino, ino, &l.name);
                 found.uploads.push(Upload {
                     local: l.path,
                     dest,

@@ -78,9 +78,14 @@ fn try_tags(c: &TestCluster, path: &str) -> Option<serde_json::Value> {
 fn search(c: &TestCluster, terms: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec!["search", "--json"];
     args.extend_from_slice(terms);
-    let out = musicfs(c, &args);
+    json_lines(c, &args, |code| code <= 1)
+}
+
+/// The JSON Lines a command prints, if its exit code is acceptable.
+fn json_lines(c: &TestCluster, args: &[&str], ok: impl Fn(i32) -> bool) -> Vec<serde_json::Value> {
+    let out = musicfs(c, args);
     assert!(
-        out.status.code().is_some_and(|c| c <= 1),
+        out.status.code().is_some_and(ok),
         "musicfs {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -362,6 +367,21 @@ async fn tag_views_list_every_track_and_tag_set_moves_kilobytes() {
     let fs = c.client(std::time::Duration::from_secs(30)).await;
     let track =
         |fmt: &str, a: u32, t: u32| format!("{fmt}/Artist {a}/Album {a}/0{t} Song {a}-{t}.{fmt}");
+    // The change feed from the start: every imported file, created once.
+    let cursor = tmp.path().join("watch-cursor.json");
+    let first = watch(&c, &cursor);
+    for p in files(&lib) {
+        let path = format!("/music/{}", p.display());
+        let created = first
+            .iter()
+            .filter(|e| e["kind"] == "created" && e["path"] == path.as_str())
+            .count();
+        assert_eq!(created, 1, "{path} in {first:?}");
+    }
+    assert!(
+        watch(&c, &cursor).is_empty(),
+        "nothing new: nothing reported"
+    );
 
     let mnt = tmp.path().join("mnt");
     let m = common::Mount::new(&c.seeds(), &mnt, 30).await;
@@ -475,6 +495,30 @@ async fn tag_views_list_every_track_and_tag_set_moves_kilobytes() {
         3,
         "search sees the new titles"
     );
+    // The feed reports the three edits (content and tags), and only them.
+    let edits = watch(&c, &cursor);
+    for fmt in ["flac", "mp3", "ogg"] {
+        let path = format!("/music/{}", track(fmt, 1, 1));
+        let n = |kind: &str| {
+            edits
+                .iter()
+                .filter(|e| e["kind"] == kind && e["path"] == path.as_str())
+                .count()
+        };
+        assert!(n("modified") >= 1, "{path} modified: {edits:?}");
+        assert_eq!(n("retagged"), 1, "{path} retagged once: {edits:?}");
+    }
+    assert!(
+        edits.iter().all(|e| e["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("/Artist 1/Album 1/01 Song 1-1."))),
+        "{edits:?}"
+    );
+    report_ok(&c, &["rm", &format!("/music/{}", track("opus", 2, 2))]);
+    let gone = watch(&c, &cursor);
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!(gone[0]["kind"], "deleted");
+    assert_eq!(gone[0]["path"], format!("/music/{}", track("opus", 2, 2)));
     // The view follows: the renamed tracks appear under their new names.
     let renamed = views.join("artists/Artist 1/Album 1/01 A retitled song.flac");
     common::wait_for(
@@ -499,6 +543,14 @@ async fn tag_views_list_every_track_and_tag_set_moves_kilobytes() {
     // Building the index again is harmless: every group already has it.
     report_ok(&c, &["tag", "reindex"]);
     drop(m);
+}
+
+/// `musicfs watch --json` from the cursor file: the changes it reports.
+fn watch(c: &TestCluster, cursor: &Path) -> Vec<serde_json::Value> {
+    let cursor = cursor.to_str().expect("utf-8");
+    json_lines(c, &["watch", "--json", "--cursor", cursor], |code| {
+        code == 0
+    })
 }
 
 fn report_ok(c: &TestCluster, args: &[&str]) {

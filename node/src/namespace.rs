@@ -20,6 +20,7 @@ use proto::{
     dir_group, group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO,
 };
 
+pub mod feed;
 pub mod placement;
 pub mod tagindex;
 pub mod txn;
@@ -204,6 +205,9 @@ pub mod keys {
     pub const TAG_POSTING: u8 = b'S';
     pub const TAG_VALUE: u8 = b's';
     pub const TAG_DISTINCT: u8 = b'c';
+    /// The change feed (`feed`): events by sequence, and the next sequence.
+    pub const FEED: u8 = b'F';
+    pub const FEED_SEQ: u8 = b'f';
     /// The key the directory-rename lock is taken on (group 0).
     pub const RENAME_LOCK: &[u8] = b"Zrename";
 
@@ -671,6 +675,9 @@ impl Namespace {
                 }
             }
         };
+        if result.error.is_none() {
+            feed::record(&mut txn, kv, self.group, cmd)?;
+        }
         if dedup && !transient {
             self.record_result(
                 &mut txn,
@@ -1781,6 +1788,7 @@ impl Namespace {
             Q::Search(q) => self.search(kv, q, &mut out)?,
             Q::TagValues(q) => self.tag_values(kv, q, &mut out)?,
             Q::TagTracks(q) => self.tag_tracks(kv, q, &mut out)?,
+            Q::Changes(q) => self.changes(kv, q, &mut out)?,
             Q::StatFs(_) => {
                 let g = self.group_record(kv)?;
                 out.stat_fs = Some(StatFs {

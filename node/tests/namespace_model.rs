@@ -441,6 +441,7 @@ proptest! {
                             mtime: None,
                             kill_suid: false,
                             checked_at_ms: 0,
+                            ..Default::default()
                         })).map(|_| ()),
                     )
                 }

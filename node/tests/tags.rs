@@ -3,9 +3,10 @@
 
 use musicfs_node::namespace::{keys, KvRead, MemKv, Namespace};
 use proto::meta::{
-    command::Op, query::Q, Command, CommandResult, CreateOp, Error as WireError, ErrorCode,
-    FileKind, GetTagsQuery, IndexTagsOp, InitOp, Query, QueryResult, RemoveOp, SearchQuery,
-    SetTagsOp, TagTerm, TagTracksQuery, TagValuesQuery, Tags, Timespec,
+    command::Op, query::Q, ChangeKind, ChangesQuery, Command, CommandResult, CommitLayoutOp,
+    CreateOp, Error as WireError, ErrorCode, FileKind, GetTagsQuery, IndexTagsOp, InitOp, Query,
+    QueryResult, RemoveOp, RenameOp, SearchQuery, SetTagsOp, TagTerm, TagTracksQuery,
+    TagValuesQuery, Tags, Timespec,
 };
 use proto::ROOT_INO;
 
@@ -48,6 +49,14 @@ impl Group {
         Namespace::new(0)
             .query(&self.0, &Query { q: Some(q) })
             .map_err(|e| e.to_string())
+    }
+
+    fn unlink(&mut self, name: &str) -> Result<CommandResult, WireError> {
+        self.apply(Op::Remove(RemoveOp {
+            parent: ROOT_INO,
+            name: name.as_bytes().to_vec().into(),
+            dir: false,
+        }))
     }
 
     fn create(&mut self, name: &str, kind: FileKind) -> u64 {
@@ -147,12 +156,7 @@ fn tags_are_kept_per_file_searched_in_pages_and_dropped_with_the_inode() {
     assert!(bad.is_err_and(|e| e.contains("not a number")));
 
     // Unlinking the file drops its tags with the inode; forgetting works too.
-    g.apply(Op::Remove(RemoveOp {
-        parent: ROOT_INO,
-        name: b"t0.flac".to_vec().into(),
-        dir: false,
-    }))
-    .expect("unlink");
+    g.unlink("t0.flac").expect("unlink");
     g.apply(Op::SetTags(SetTagsOp {
         ino: inos[1],
         tags: None,
@@ -287,12 +291,7 @@ fn the_tag_index_follows_every_change_and_answers_views_and_search() {
     );
 
     // Unlink drops the postings; the checker agrees at every step.
-    g.apply(Op::Remove(RemoveOp {
-        parent: ROOT_INO,
-        name: b"t0.flac".to_vec().into(),
-        dir: false,
-    }))
-    .expect("unlink");
+    g.unlink("t0.flac").expect("unlink");
     assert_eq!(tracks_of(&g, "artist", "björk"), vec![inos[1], inos[2]]);
     assert_consistent(&g);
     let e = g
@@ -389,4 +388,79 @@ fn tags_stored_before_the_index_are_indexed_by_reindex() {
         .expect("again");
     assert!(r.done);
     assert_eq!(before.0, g.0 .0);
+}
+
+fn changes(g: &Group, after: u64) -> Vec<(ChangeKind, u64, String)> {
+    g.query(Q::Changes(ChangesQuery {
+        after_seq: after,
+        limit: 1000,
+    }))
+    .expect("changes")
+    .changes
+    .into_iter()
+    .map(|e| {
+        let kind = ChangeKind::try_from(e.kind).expect("kind");
+        let what = match kind {
+            ChangeKind::Retagged => e.path,
+            _ => String::from_utf8_lossy(&e.name).into_owned(),
+        };
+        (kind, e.seq, what)
+    })
+    .collect()
+}
+
+#[test]
+fn the_change_feed_has_each_change_once_in_apply_order() {
+    let mut g = Group::new();
+    let start = changes(&g, 0).len() as u64;
+    let ino = g.create("a.flac", FileKind::Regular);
+    g.apply(Op::CommitLayout(CommitLayoutOp {
+        ino,
+        size: 0,
+        hint_parent: ROOT_INO,
+        hint_name: b"a.flac".to_vec().into(),
+        ..Default::default()
+    }))
+    .expect("commit");
+    let mut t = track("Low", 1994);
+    t.path = "/a.flac".into();
+    g.apply(Op::SetTags(SetTagsOp {
+        ino,
+        tags: Some(t.clone()),
+    }))
+    .expect("tags");
+    // The same tags again change nothing, so they are no event.
+    g.apply(Op::SetTags(SetTagsOp { ino, tags: Some(t) }))
+        .expect("same tags");
+    g.apply(Op::Rename(RenameOp {
+        parent: ROOT_INO,
+        name: b"a.flac".to_vec().into(),
+        new_parent: ROOT_INO,
+        new_name: b"b.flac".to_vec().into(),
+        ..Default::default()
+    }))
+    .expect("rename");
+    g.unlink("b.flac").expect("unlink");
+    // A refused command is no event either.
+    g.unlink("b.flac").expect_err("gone");
+    let got = changes(&g, start);
+    let kinds: Vec<(ChangeKind, String)> = got.iter().map(|(k, _, w)| (*k, w.clone())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (ChangeKind::Created, "a.flac".into()),
+            (ChangeKind::Modified, "a.flac".into()),
+            (ChangeKind::Retagged, "/a.flac".into()),
+            (ChangeKind::Deleted, "a.flac".into()),
+            (ChangeKind::Created, "b.flac".into()),
+            (ChangeKind::Deleted, "b.flac".into()),
+        ]
+    );
+    let seqs: Vec<u64> = got.iter().map(|(_, s, _)| *s).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // Reading on from a cursor gives what came after it, once.
+    let third = seqs[2];
+    assert_eq!(changes(&g, third).len(), 3);
+    assert!(changes(&g, *seqs.last().expect("seq")).is_empty());
+    assert_consistent(&g);
 }
