@@ -48,6 +48,65 @@ pub fn is_audio_head(head: &[u8]) -> bool {
         || (head.len() >= 2 && head[0] == 0xFF && head[1] & 0xE0 == 0xE0 && head[1] & 0x06 != 0)
 }
 
+/// Where the embedded cover of a file starting with `head` lies: the
+/// front cover (picture type 3) if there is one, else the first picture,
+/// of a FLAC PICTURE block or an ID3v2 APIC frame. The range may end past
+/// `head`: read that far and ask again. `None` without a picture (or for
+/// formats that keep it elsewhere: Ogg, MP4).
+pub fn cover(head: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut pictures: Vec<(u8, std::ops::Range<usize>)> = Vec::new();
+    if head.starts_with(b"fLaC") {
+        let mut at = 4;
+        while at + 4 <= head.len() {
+            let last = head[at] & 0x80 != 0;
+            let next = at + 4 + be24(&head[at + 1..at + 4]);
+            if head[at] & 0x7f == 6 {
+                let data = flac_picture_data(head, at + 4, next);
+                let kind = head.get(at + 7).copied().unwrap_or(0);
+                if data > at + 4 {
+                    pictures.push((kind, data..next));
+                }
+            }
+            if last {
+                break;
+            }
+            at = next;
+        }
+    } else if head.starts_with(b"ID3") && head.len() >= 10 && head[5] & 0xC0 == 0 {
+        let major = head[3];
+        let size = syncsafe(&head[6..10])?;
+        let mut at = 10;
+        while at + 10 <= (10 + size).min(head.len()) {
+            let len = if major == 4 {
+                syncsafe(&head[at + 4..at + 8])?
+            } else {
+                be32(&head[at + 4..at + 8])
+            };
+            let next = at + 10 + len;
+            if &head[at..at + 4] == b"APIC" {
+                let data = apic_data(head, at + 10, next);
+                if data > at + 10 {
+                    // The picture type is the byte before the description.
+                    let mime_end = head[at + 11..].iter().position(|&b| b == 0)?;
+                    let kind = head.get(at + 11 + mime_end + 1).copied().unwrap_or(0);
+                    pictures.push((kind, data..next));
+                }
+            } else if !head[at..at + 4]
+                .iter()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            {
+                break;
+            }
+            at = next;
+        }
+    }
+    pictures
+        .iter()
+        .find(|(kind, _)| *kind == 3)
+        .or(pictures.first())
+        .map(|(_, r)| r.clone())
+}
+
 fn be24(b: &[u8]) -> usize {
     (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
 }
@@ -297,6 +356,20 @@ mod tests {
             body.extend(image);
             assert_eq!(apic_data(&body, 0, body.len()), body.len() - image.len());
         }
+        // The cover of each: its image bytes.
+        assert_eq!(f[cover(&f).expect("a cover")], image);
+        let mut frame = b"APIC".to_vec();
+        let mut body = vec![0u8];
+        body.extend(b"image/jpeg\0\x03front\0");
+        body.extend(image);
+        frame.extend((body.len() as u32).to_be_bytes());
+        frame.extend([0, 0]);
+        frame.extend(&body);
+        let mut id3 = b"ID3\x03\x00\x00\x00\x00".to_vec();
+        id3.extend([(frame.len() >> 7) as u8 & 0x7f, frame.len() as u8 & 0x7f]);
+        id3.extend(&frame);
+        assert_eq!(id3[cover(&id3).expect("a cover")], image);
+        assert_eq!(cover(b"OggS\0\0"), None);
         // Fields that do not add up: the body's start.
         assert_eq!(apic_data(b"\0image", 0, 6), 0);
         assert_eq!(flac_picture_data(&[0xFF; 20], 0, 20), 0);

@@ -667,6 +667,10 @@ impl Fs {
     /// has it open. Returns a handle.
     pub async fn open(&self, ino: u64) -> Result<u64> {
         if let (Some(v), true) = (self.views(), views::is_virtual(ino)) {
+            // A cover's handle is its inode: the views serve its bytes.
+            if v.is_cover(ino) {
+                return Ok(ino);
+            }
             return match v.real_ino(ino)? {
                 Some(real) => self.open_with(real, None).await,
                 None => Err(ClientError::server(
@@ -833,6 +837,9 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
+        if let (Some(v), true) = (self.views(), views::is_virtual(fh)) {
+            return Box::pin(v.read_cover(self, fh, offset, size)).await;
+        }
         let handle = self.handle(fh)?;
         // Fetch without holding the file's lock, so the kernel's parallel
         // reads overlap; redo if a write changed the file meanwhile.
@@ -1212,12 +1219,18 @@ impl Fs {
     }
 
     pub async fn flush(&self, fh: u64) -> Result<()> {
+        if views::is_virtual(fh) {
+            return Ok(());
+        }
         let st = self.handle(fh)?;
         let mut st = st.lock().await;
         self.commit(&mut st).await
     }
 
     pub async fn release(&self, fh: u64) -> Result<()> {
+        if views::is_virtual(fh) {
+            return Ok(());
+        }
         let st = lock(&self.handles)
             .remove(&fh)
             .ok_or(ClientError::BadHandle(fh))?;
@@ -1311,6 +1324,35 @@ impl Fs {
     pub async fn set_tags(&self, ino: u64, tags: Option<Tags>) -> Result<()> {
         self.cluster
             .propose(group_of_ino(ino), Op::SetTags(SetTagsOp { ino, tags }))
+            .await?;
+        Ok(())
+    }
+
+    /// Stores the tags of many files, one command per group and 1,024
+    /// files, 16 commands in flight (the bulk path).
+    pub async fn set_tags_many(&self, items: Vec<(u64, Tags)>) -> Result<()> {
+        let mut by_group: BTreeMap<u32, Vec<SetTagsOp>> = BTreeMap::new();
+        for (ino, tags) in items {
+            by_group
+                .entry(group_of_ino(ino))
+                .or_default()
+                .push(SetTagsOp {
+                    ino,
+                    tags: Some(tags),
+                });
+        }
+        let batches = by_group.into_iter().flat_map(|(g, ops)| {
+            ops.chunks(1024)
+                .map(|c| (g, c.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        stream::iter(batches)
+            .map(|(g, items)| {
+                self.cluster
+                    .propose(g, Op::SetTagsBatch(proto::meta::SetTagsBatchOp { items }))
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
             .await?;
         Ok(())
     }

@@ -9,7 +9,9 @@
 //! reads the tracks with its first-level value (the postings of that
 //! value) and groups them by the next part of the template. Inode numbers
 //! of view entries have the top bit set, which no group's inodes have, and
-//! stay the same for a path while the mount runs.
+//! stay the same for a path while the mount runs. A directory of tracks
+//! also offers `cover.jpg` (or `.png`): the embedded front cover of its
+//! first FLAC or MP3 track that has one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -273,6 +275,8 @@ enum Node {
         path: Vec<String>,
     },
     Track(u64),
+    /// The embedded cover of a track.
+    Cover(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +308,11 @@ impl Table {
     }
 }
 
+/// Covers kept in memory (each tens to hundreds of KiB).
+const MAX_COVERS: usize = 64;
+/// Most bytes read from a track's start to find its cover.
+const MAX_COVER_READ: usize = 32 << 20;
+
 /// Results kept for `LISTING_TTL`, with the time they were made.
 type Timed<K, V> = Mutex<HashMap<K, (Instant, Arc<V>)>>;
 
@@ -314,6 +323,8 @@ pub struct Views {
     listings: Timed<u64, Vec<Child>>,
     /// Tracks of a first-level value, shared by the directories under it.
     tracks: Timed<(usize, String), Vec<TrackHit>>,
+    /// Covers by track, with the layout version they were read from.
+    covers: Mutex<HashMap<u64, (u64, bytes::Bytes)>>,
     started: Timespec,
 }
 
@@ -338,6 +349,7 @@ impl Views {
             table: Mutex::new(table),
             listings: Mutex::new(HashMap::new()),
             tracks: Mutex::new(HashMap::new()),
+            covers: Mutex::new(HashMap::new()),
             started: Timespec::now(),
         }
     }
@@ -380,8 +392,96 @@ impl Views {
     pub async fn getattr(&self, fs: &Fs, ino: u64) -> Result<Attr> {
         match self.node(ino)? {
             Node::Track(real) => Ok(Self::track_attr(ino, fs.getattr(real).await?)),
+            Node::Cover(real) => {
+                let track = fs.getattr(real).await?;
+                let size = match self.cover_of(fs, real).await? {
+                    Some(c) => c.len() as u64,
+                    None => return Err(not_found("the cover")),
+                };
+                Ok(Attr {
+                    size,
+                    perm: 0o444,
+                    nlink: 1,
+                    layout_version: 0,
+                    ..Self::track_attr(ino, track)
+                })
+            }
             _ => Ok(self.dir_attr(ino)),
         }
+    }
+
+    /// The embedded cover of track `real`, read from its first bytes.
+    async fn cover_of(&self, fs: &Fs, real: u64) -> Result<Option<bytes::Bytes>> {
+        let version = fs.getattr(real).await?.layout_version;
+        if let Some((v, c)) = lock(&self.covers).get(&real) {
+            if *v == version {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let fh = fs.open(real).await?;
+        let read = async {
+            let mut head = Vec::new();
+            let mut want = 256 << 10;
+            loop {
+                while head.len() < want {
+                    let got = fs
+                        .read(
+                            fh,
+                            head.len() as u64,
+                            (want - head.len()).min(1 << 20) as u32,
+                        )
+                        .await?;
+                    if got.is_empty() {
+                        break;
+                    }
+                    head.extend_from_slice(&got);
+                }
+                match crate::audio::cover(&head) {
+                    Some(r) if r.end <= head.len() => {
+                        return Ok(Some(bytes::Bytes::copy_from_slice(&head[r])))
+                    }
+                    Some(r) if r.end <= MAX_COVER_READ && head.len() == want => want = r.end,
+                    _ => return Ok(None),
+                }
+            }
+        }
+        .await;
+        fs.release(fh).await?;
+        let cover = read?;
+        if let Some(c) = &cover {
+            let mut covers = lock(&self.covers);
+            if covers.len() >= MAX_COVERS {
+                covers.clear();
+            }
+            covers.insert(real, (version, c.clone()));
+        }
+        Ok(cover)
+    }
+
+    /// Bytes of an open cover (`ino` is its handle: covers never change
+    /// under a handle, a new layout of the track is a new read).
+    pub async fn read_cover(
+        &self,
+        fs: &Fs,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<bytes::Bytes> {
+        let Node::Cover(real) = self.node(ino)? else {
+            return Err(ClientError::BadHandle(ino));
+        };
+        let c = self
+            .cover_of(fs, real)
+            .await?
+            .ok_or_else(|| not_found("the cover"))?;
+        let start = (offset as usize).min(c.len());
+        let end = (start + size as usize).min(c.len());
+        Ok(c.slice(start..end))
+    }
+
+    /// Whether `ino` is a cover (opened by the views themselves).
+    pub fn is_cover(&self, ino: u64) -> bool {
+        matches!(self.node(ino), Ok(Node::Cover(_)))
     }
 
     /// The track a view's file stands for (`None` for a directory).
@@ -461,6 +561,24 @@ impl Views {
                 names.insert(name, Node::Track(h.ino));
             }
         }
+        if depth + 1 == t.parts.len() {
+            // Tracks: the album's cover beside them, if one has it.
+            let candidates = names.values().filter_map(|n| match n {
+                Node::Track(real) => Some(*real),
+                _ => None,
+            });
+            for real in candidates.take(4).collect::<Vec<_>>() {
+                if let Some(c) = self.cover_of(fs, real).await? {
+                    let name = if c.starts_with(b"\x89PNG") {
+                        "cover.png"
+                    } else {
+                        "cover.jpg"
+                    };
+                    names.entry(name.to_string()).or_insert(Node::Cover(real));
+                    break;
+                }
+            }
+        }
         let mut table = lock(&self.table);
         Ok(names
             .into_iter()
@@ -499,7 +617,7 @@ impl Views {
                 self.children_below(fs, dir, view, &first, &key, &path)
                     .await?
             }
-            Node::Track(_) => {
+            Node::Track(_) | Node::Cover(_) => {
                 return Err(ClientError::Server(proto::meta::Error::new(
                     proto::meta::ErrorCode::NotDir,
                     "a track of a view is not a directory",
@@ -653,7 +771,7 @@ impl Views {
             let kind = match attr {
                 Some(a) => a.kind,
                 None => match self.node(c.ino)? {
-                    Node::Track(_) => FileKind::Regular as i32,
+                    Node::Track(_) | Node::Cover(_) => FileKind::Regular as i32,
                     _ => FileKind::Directory as i32,
                 },
             };

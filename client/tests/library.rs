@@ -401,8 +401,15 @@ async fn tag_views_list_every_track_and_tag_set_moves_kilobytes() {
             want.push(format!("0{t} Song 2-{t}.{ext}"));
         }
     }
+    // The album's embedded cover, as a file beside its tracks.
+    want.push("cover.jpg".to_string());
     want.sort();
     assert_eq!(names(&album), want);
+    let cover = std::fs::read(album.join("cover.jpg")).expect("read the cover");
+    assert!(
+        cover == std::fs::read(lib.join("cover2.jpg")).expect("source cover"),
+        "cover.jpg is the picture embedded in the album's tracks"
+    );
     // A view's files are the tracks: the same bytes as the source.
     for a in 1..=2u32 {
         for t in 1..=2u32 {

@@ -774,6 +774,17 @@ impl Namespace {
             Op::Settle(op) => self.settle(txn, op),
             Op::SetTags(op) => self.set_tags(txn, op),
             Op::IndexTags(op) => self.index_tags(txn, op),
+            Op::SetTagsBatch(op) => {
+                if op.items.len() > MAX_BATCH {
+                    return Err(NsError::Invalid(format!(
+                        "a tag batch carries at most {MAX_BATCH} files"
+                    )));
+                }
+                for item in &op.items {
+                    self.set_tags(txn, item)?;
+                }
+                Ok(CommandResult::default())
+            }
         }
     }
 

@@ -5,8 +5,8 @@ use musicfs_node::namespace::{keys, KvRead, MemKv, Namespace};
 use proto::meta::{
     command::Op, query::Q, ChangeKind, ChangesQuery, Command, CommandResult, CommitLayoutOp,
     CreateOp, Error as WireError, ErrorCode, FileKind, GetTagsQuery, IndexTagsOp, InitOp, Query,
-    QueryResult, RemoveOp, RenameOp, SearchQuery, SetTagsOp, TagTerm, TagTracksQuery,
-    TagValuesQuery, Tags, Timespec,
+    QueryResult, RemoveOp, RenameOp, SearchQuery, SetTagsBatchOp, SetTagsOp, TagTerm,
+    TagTracksQuery, TagValuesQuery, Tags, Timespec,
 };
 use proto::ROOT_INO;
 
@@ -462,5 +462,30 @@ fn the_change_feed_has_each_change_once_in_apply_order() {
     let third = seqs[2];
     assert_eq!(changes(&g, third).len(), 3);
     assert!(changes(&g, *seqs.last().expect("seq")).is_empty());
+    assert_consistent(&g);
+}
+
+#[test]
+fn a_tag_batch_applies_whole_or_not_at_all() {
+    let mut g = Group::new();
+    let a = g.create("a.flac", FileKind::Regular);
+    let b = g.create("b.flac", FileKind::Regular);
+    let dir = g.create("album", FileKind::Directory);
+    let item = |ino: u64, artist: &str| SetTagsOp {
+        ino,
+        tags: Some(track(artist, 2000)),
+    };
+    let e = g
+        .apply(Op::SetTagsBatch(SetTagsBatchOp {
+            items: vec![item(a, "Air"), item(dir, "Air")],
+        }))
+        .expect_err("a directory in the batch");
+    assert_eq!(e.code(), ErrorCode::Invalid);
+    assert!(values(&g, "artist").is_empty(), "nothing applied");
+    g.apply(Op::SetTagsBatch(SetTagsBatchOp {
+        items: vec![item(a, "Air"), item(b, "Air")],
+    }))
+    .expect("batch");
+    assert_eq!(values(&g, "artist"), vec![("Air".into(), 2)]);
     assert_consistent(&g);
 }

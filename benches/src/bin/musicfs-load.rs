@@ -9,6 +9,11 @@
 //! `musicfs-load stat --cluster ADDRS --files N --samples K` looks up K
 //! random tracks of that library (one linearizable lookup each, the album
 //! directory known) and prints latency percentiles.
+//! With `create --tags`, every track also gets tags (artist, album,
+//! title, genre, year, track number) through the bulk tag path;
+//! `musicfs-load search` then times beets-style searches over them and
+//! `musicfs-load views` times listings of the tag views (the client core's
+//! view code, as a mount runs it, without FUSE).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt};
 use musicfs_client::fs::NewEntry;
 use musicfs_client::{parse_seeds, Cluster, ClusterConfig, Fs};
-use proto::meta::{ErrorCode, FileKind};
+use proto::meta::{ErrorCode, FileKind, Tags};
 use proto::ROOT_INO;
 
 #[derive(Parser)]
@@ -57,6 +62,22 @@ enum Cmd {
         /// Chunks of 64 artists in flight at once.
         #[arg(long, default_value_t = 2)]
         parallel: usize,
+        /// Also store tags for every track.
+        #[arg(long)]
+        tags: bool,
+    },
+    /// Time searches over the tags (`create --tags` first).
+    Search {
+        #[command(flatten)]
+        shape: Shape,
+        /// Runs of each query (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Time listings of the default tag views (`create --tags` first).
+    Views {
+        #[command(flatten)]
+        shape: Shape,
     },
     /// Measure lookup latency of random tracks.
     Stat {
@@ -73,6 +94,49 @@ fn names(shape: &Shape, album: u64) -> (String, String) {
         format!("Artist {artist:06}"),
         format!("Album {:03}", album % shape.albums),
     )
+}
+
+const GENRES: [&str; 20] = [
+    "Rock",
+    "Pop",
+    "Jazz",
+    "Classical",
+    "Electronic",
+    "Hip-Hop",
+    "Folk",
+    "Blues",
+    "Metal",
+    "Soul",
+    "Reggae",
+    "Country",
+    "Punk",
+    "Ambient",
+    "Funk",
+    "Latin",
+    "World",
+    "Gospel",
+    "Indie",
+    "Soundtrack",
+];
+
+/// The tags of track `t` (of album `album`): every artist has one genre,
+/// every album one year.
+fn track_tags(shape: &Shape, album: u64, t: u64, path: String) -> Tags {
+    let artist = album / shape.albums;
+    let first = album * shape.tracks;
+    Tags {
+        artist: format!("Artist {artist:06}"),
+        album_artist: format!("Artist {artist:06}"),
+        album: format!("Album {artist:06}-{:03}", album % shape.albums),
+        title: format!("Track {t}"),
+        track: (t - first + 1) as u32,
+        track_total: shape.tracks as u32,
+        genre: GENRES[(artist as usize * 7) % GENRES.len()].into(),
+        year: 1960 + (album % 60) as u32,
+        codec: "flac".into(),
+        path,
+        ..Default::default()
+    }
 }
 
 async fn connect(addrs: &str) -> Result<Arc<Fs>> {
@@ -107,7 +171,7 @@ async fn dir(fs: &Fs, parent: u64, name: &str) -> Result<u64> {
 /// Artists whose albums and tracks are created together.
 const ARTISTS_PER_CHUNK: u64 = 64;
 
-async fn create(shape: Shape, parallel: usize) -> Result<()> {
+async fn create(shape: Shape, parallel: usize, with_tags: bool) -> Result<()> {
     let fs = connect(&shape.cluster).await?;
     let top = dir(&fs, ROOT_INO, &shape.top).await?;
     let albums = shape.files.div_ceil(shape.tracks);
@@ -178,9 +242,11 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
                     });
                 }
                 let mut tracks: Vec<(u64, NewEntry)> = Vec::new();
+                let mut track_of = Vec::new();
                 for (album, ino) in (first_album..last_album).zip(album_ino) {
                     let first = album * shape.tracks;
                     let last = (first + shape.tracks).min(shape.files);
+                    track_of.extend((first..last).map(|t| (album, t)));
                     tracks.extend((first..last).map(|t| {
                         (
                             ino,
@@ -193,12 +259,28 @@ async fn create(shape: Shape, parallel: usize) -> Result<()> {
                     }));
                 }
                 let refs: Vec<(u64, &NewEntry)> = tracks.iter().map(|(p, e)| (*p, e)).collect();
-                for r in fs.create_entries(&refs).await? {
-                    match r {
-                        Ok(_) => {}
-                        Err(e) if e.code() == Some(ErrorCode::Exists) => {}
+                let mut tagged = Vec::new();
+                for (i, r) in fs.create_entries(&refs).await?.into_iter().enumerate() {
+                    let ino = match r {
+                        Ok(a) => a.ino,
+                        Err(e) if e.code() == Some(ErrorCode::Exists) => {
+                            fs.lookup(tracks[i].0, &tracks[i].1.name).await?.ino
+                        }
                         Err(e) => return Err(e.into()),
+                    };
+                    if with_tags {
+                        let (album, t) = track_of[i];
+                        let (artist, album_dir) = names(&shape, album);
+                        let path = format!(
+                            "/{}/{artist}/{album_dir}/{}",
+                            shape.top,
+                            String::from_utf8_lossy(&tracks[i].1.name)
+                        );
+                        tagged.push((ino, track_tags(&shape, album, t, path)));
                     }
+                }
+                if !tagged.is_empty() {
+                    fs.set_tags_many(tagged).await?;
                 }
                 done.fetch_add(tracks.len() as u64, Ordering::Relaxed);
                 Ok(())
@@ -265,10 +347,108 @@ async fn stat(shape: Shape, samples: u64) -> Result<()> {
     Ok(())
 }
 
+/// Median of `runs` timings of `f`, in milliseconds, with its last result.
+async fn timed<T, F, Fut>(runs: usize, mut f: F) -> Result<(f64, T)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut ms = Vec::new();
+    let mut last = None;
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        last = Some(f().await?);
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let out = last.context("no run")?;
+    Ok((ms[ms.len() / 2], out))
+}
+
+async fn search(shape: Shape, runs: usize) -> Result<()> {
+    let fs = connect(&shape.cluster).await?;
+    let artists = shape.files.div_ceil(shape.tracks).div_ceil(shape.albums);
+    let a = artists / 2;
+    let queries = [
+        format!("artist:\"Artist {a:06}\""),
+        format!(
+            "artist:\"Artist {a:06}\" year:1960..2020 genre:{}",
+            GENRES[(a as usize * 7) % 20]
+        ),
+        format!("album:\"Album {a:06}-003\""),
+        "genre:jazz year:1999".to_string(),
+        format!("title:\"Track {}\"", shape.files / 2),
+        format!("\"Artist {a:06}\""),
+        "codec:flac year:1999 track:1".to_string(),
+    ];
+    for q in queries {
+        let terms = proto::tags::parse_query(&q)?;
+        let (ms, hits) = timed(runs, || async { Ok(fs.search(&terms, 1000).await?) }).await?;
+        println!(
+            "{}",
+            serde_json::json!({ "query": q, "hits": hits.len(), "median_ms": ms })
+        );
+    }
+    Ok(())
+}
+
+async fn views(shape: Shape) -> Result<()> {
+    use musicfs_client::views::{Template, Views, DEFAULT_VIEWS};
+    let fs = connect(&shape.cluster).await?;
+    let templates = DEFAULT_VIEWS
+        .iter()
+        .map(|(n, t)| Template::parse(n, t))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    fs.enable_views(Views::new(".views", templates));
+    let artists = shape.files.div_ceil(shape.tracks).div_ceil(shape.albums);
+    let a = artists / 2;
+    let genre = GENRES[(a as usize * 7) % 20];
+    let paths = [
+        ".views/artists".to_string(),
+        format!(".views/artists/Artist {a:06}"),
+        format!(".views/artists/Artist {a:06}/Album {a:06}-003"),
+        ".views/years".to_string(),
+        ".views/years/1999".to_string(),
+        format!(".views/genres/{genre}"),
+    ];
+    for p in paths {
+        let start = Instant::now();
+        let dir = fs.resolve(&p).await?.ino;
+        let (mut entries, mut first_page_ms) = (0u64, None);
+        let mut after = Vec::new();
+        loop {
+            let (page, more) = fs.readdir(dir, &after, 1024, false).await?;
+            first_page_ms.get_or_insert(start.elapsed().as_secs_f64() * 1e3);
+            entries += page.len() as u64;
+            match page.last() {
+                Some(l) if more => after = l.name.to_vec(),
+                _ => break,
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "path": p,
+                "entries": entries,
+                "first_page_ms": first_page_ms,
+                "all_ms": start.elapsed().as_secs_f64() * 1e3,
+            })
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Args::parse().cmd {
-        Cmd::Create { shape, parallel } => create(shape, parallel).await,
+        Cmd::Create {
+            shape,
+            parallel,
+            tags,
+        } => create(shape, parallel, tags).await,
+        Cmd::Search { shape, runs } => search(shape, runs).await,
+        Cmd::Views { shape } => views(shape).await,
         Cmd::Stat { shape, samples } => stat(shape, samples).await,
     }
 }
