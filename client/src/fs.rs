@@ -987,8 +987,10 @@ impl Fs {
     }
 
     /// Chunks and uploads buffered writes into the working layout. Unless
-    /// `all`, the tail of a run that ends at end of file stays buffered, so
-    /// a sequential writer gets the same chunk boundaries as a whole-file cut.
+    /// `all`, the last chunk of each run stays buffered (its end is where
+    /// the buffer filled, not a content boundary), so a sequential writer
+    /// gets the same chunk boundaries as a whole-file cut, also when it
+    /// writes over a longer old content (a re-tagged track).
     async fn spill(&self, st: &mut FileState, all: bool) -> Result<()> {
         st.version += 1;
         let runs = st.dirty.take();
@@ -1013,8 +1015,7 @@ impl Fs {
         for (off, run) in runs {
             let (off, run) = (*off, run);
             let mut cut = layout::cut(off, run);
-            let run_end = off + run.len() as u64;
-            if !all && run_end == st.size && cut.len() > 1 {
+            if !all && cut.len() > 1 {
                 if let Some(last) = cut.pop() {
                     st.dirty.write(last.file_offset, &last.data);
                 }
