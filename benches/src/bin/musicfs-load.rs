@@ -375,6 +375,11 @@ async fn search(shape: Shape, runs: usize) -> Result<()> {
             "artist:\"Artist {a:06}\" year:1960..2020 genre:{}",
             GENRES[(a as usize * 7) % 20]
         ),
+        format!(
+            "artist:\"Artist {a:06}\" genre:{}",
+            GENRES[(a as usize * 7) % 20]
+        ),
+        format!("artist:\"Artist {a:06}\" year:1960..2020"),
         format!("album:\"Album {a:06}-003\""),
         "genre:jazz year:1999".to_string(),
         format!("title:\"Track {}\"", shape.files / 2),

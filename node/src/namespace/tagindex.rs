@@ -32,6 +32,9 @@ const ANY: [u8; 5] = [1, 2, 3, 4, 5];
 /// An indexed field and a normalized value of it.
 type FieldValue = (u8, Vec<u8>);
 
+/// How many distinct values one candidate track costs as much as to read.
+const VALUES_PER_CANDIDATE: u64 = 16;
+
 /// Distinct values or postings read per page.
 const PAGE: usize = 1000;
 /// A search whose best term still names more tracks than this, or whose
@@ -370,7 +373,12 @@ impl Namespace {
         let mut best: Option<(u64, Vec<FieldValue>)> = None;
         for (distinct, term, fields) in planned {
             let bound = best.as_ref().map_or(MAX_CANDIDATES, |(n, _)| *n);
-            if distinct > bound {
+            // Distinct values are read in sequence, a candidate costs a
+            // posting and a tag record read at random: looking at a term
+            // pays while its values are fewer than the best term's tracks
+            // times that ratio (measured: a genre's 940 candidates took
+            // 20 ms a query, an artist list of 1,560 values 2 ms).
+            if distinct > bound.saturating_mul(VALUES_PER_CANDIDATE) {
                 break;
             }
             let mut tracks = 0;
