@@ -235,6 +235,14 @@ impl Fs {
         lock(&self.names).get(&ino).cloned().unwrap_or_default()
     }
 
+    /// The kernel dropped `n` references to `ino` (only tag views keep
+    /// per-inode state that depends on it).
+    pub fn forget(&self, ino: u64, n: u64) {
+        if let (Some(v), true) = (self.views(), views::is_virtual(ino)) {
+            v.forget(ino, n);
+        }
+    }
+
     /// Offers tag views under `views.dir_name` at the root (once).
     pub fn enable_views(&self, views: Views) {
         let _ = self.views.set(Arc::new(views));
@@ -286,7 +294,9 @@ impl Fs {
                 return v.getattr(self, v.top()).await;
             }
             if views::is_virtual(parent) {
-                return v.lookup(self, parent, name).await;
+                let a = v.lookup(self, parent, name).await?;
+                v.looked_up(a.ino);
+                return Ok(a);
             }
         }
         let r = self

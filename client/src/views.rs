@@ -285,9 +285,17 @@ struct Child {
     ino: u64,
 }
 
+struct Entry {
+    node: Node,
+    /// Its parent and name (`None` for the views directory).
+    key: Option<(u64, String)>,
+    /// References the kernel holds (lookups it got, less forgets).
+    lookups: u64,
+}
+
 #[derive(Default)]
 struct Table {
-    nodes: HashMap<u64, Node>,
+    nodes: HashMap<u64, Entry>,
     by_name: HashMap<(u64, String), u64>,
     next: u64,
 }
@@ -295,16 +303,42 @@ struct Table {
 impl Table {
     /// The inode of `parent`'s child `name`, made on first sight.
     fn child(&mut self, parent: u64, name: &str, node: Node) -> u64 {
-        if let Some(&ino) = self.by_name.get(&(parent, name.to_string())) {
+        let key = (parent, name.to_string());
+        if let Some(&ino) = self.by_name.get(&key) {
             // A track may have been replaced under the same name.
-            self.nodes.insert(ino, node);
-            return ino;
+            if let Some(e) = self.nodes.get_mut(&ino) {
+                e.node = node;
+                return ino;
+            }
         }
         self.next += 1;
         let ino = VIRTUAL | self.next;
-        self.nodes.insert(ino, node);
-        self.by_name.insert((parent, name.to_string()), ino);
+        self.nodes.insert(
+            ino,
+            Entry {
+                node,
+                key: Some(key.clone()),
+                lookups: 0,
+            },
+        );
+        self.by_name.insert(key, ino);
         ino
+    }
+
+    /// Drops `n` of the kernel's references to `ino`, and the entry when
+    /// none is left (the views directory and the views stay).
+    fn forget(&mut self, ino: u64, n: u64) -> bool {
+        let Some(e) = self.nodes.get_mut(&ino) else {
+            return false;
+        };
+        e.lookups = e.lookups.saturating_sub(n);
+        if e.lookups > 0 || matches!(e.node, Node::Top | Node::View(_)) {
+            return false;
+        }
+        if let Some(key) = self.nodes.remove(&ino).and_then(|e| e.key) {
+            self.by_name.remove(&key);
+        }
+        true
     }
 }
 
@@ -342,7 +376,14 @@ fn not_found(what: impl std::fmt::Display) -> ClientError {
 impl Views {
     pub fn new(dir_name: &str, templates: Vec<Template>) -> Self {
         let mut table = Table::default();
-        table.nodes.insert(VIRTUAL, Node::Top);
+        table.nodes.insert(
+            VIRTUAL,
+            Entry {
+                node: Node::Top,
+                key: None,
+                lookups: 0,
+            },
+        );
         Views {
             dir_name: dir_name.to_string(),
             templates,
@@ -359,11 +400,32 @@ impl Views {
         VIRTUAL
     }
 
+    /// The kernel got `ino` (a lookup, or an entry of a readdirplus).
+    pub fn looked_up(&self, ino: u64) {
+        if let Some(e) = lock(&self.table).nodes.get_mut(&ino) {
+            e.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `n` references to `ino`: an entry it no longer
+    /// holds is forgotten here too, so browsing does not grow the mount's
+    /// memory for good. Its path gets a new inode when seen again.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if lock(&self.table).forget(ino, n) {
+            lock(&self.listings).remove(&ino);
+        }
+    }
+
+    /// View entries held (for tests and metrics).
+    pub fn entries(&self) -> usize {
+        lock(&self.table).nodes.len()
+    }
+
     fn node(&self, ino: u64) -> Result<Node> {
         lock(&self.table)
             .nodes
             .get(&ino)
-            .cloned()
+            .map(|e| e.node.clone())
             .ok_or_else(|| not_found(format!("inode {ino:#x}")))
     }
 
@@ -764,6 +826,8 @@ impl Views {
         let mut out = Vec::with_capacity(page.len());
         for c in page {
             let attr = if plus {
+                // A readdirplus entry counts as a lookup for the kernel.
+                self.looked_up(c.ino);
                 Some(self.getattr(fs, c.ino).await?)
             } else {
                 None
@@ -818,6 +882,34 @@ mod tests {
         assert_eq!(render(&t.parts[1], &odd), "AC_DC");
         let g = Template::parse("g", "$genre/$title").unwrap();
         assert_eq!(render(&g.parts[0], &odd), "Unknown Genre");
+    }
+
+    #[test]
+    fn entries_the_kernel_forgets_are_dropped_and_made_anew() {
+        let t = Template::parse("a", "$albumartist/$album/$title").unwrap();
+        let v = Views::new(".views", vec![t]);
+        let view = lock(&v.table).child(VIRTUAL, "a", Node::View(0));
+        let dir = |first: &str| Node::Dir {
+            view: 0,
+            first: first.into(),
+            key: first.as_bytes().to_vec(),
+            path: Vec::new(),
+        };
+        let x = lock(&v.table).child(view, "X", dir("X"));
+        assert_eq!(lock(&v.table).child(view, "X", dir("X")), x, "stable");
+        v.looked_up(x);
+        v.looked_up(x);
+        v.forget(x, 1);
+        assert!(v.node(x).is_ok(), "one reference left");
+        v.forget(x, 1);
+        assert!(v.node(x).is_err(), "forgotten");
+        let again = lock(&v.table).child(view, "X", dir("X"));
+        assert_ne!(again, x, "a new inode for the path");
+        // The views directory and the views themselves stay.
+        v.forget(VIRTUAL, 5);
+        v.forget(view, 5);
+        assert!(v.node(VIRTUAL).is_ok() && v.node(view).is_ok());
+        assert_eq!(v.entries(), 3);
     }
 
     #[test]
