@@ -1339,8 +1339,9 @@ impl Fs {
         Ok(())
     }
 
-    /// Stores the tags of many files, one command per group and 1,024
-    /// files, 16 commands in flight (the bulk path).
+    /// Stores the tags of many files, one command per group and
+    /// `BATCH_CREATES` files, `BATCHES_IN_FLIGHT` commands in flight (the
+    /// bulk path, as `create_entries`).
     pub async fn set_tags_many(&self, items: Vec<(u64, Tags)>) -> Result<()> {
         let mut by_group: BTreeMap<u32, Vec<SetTagsOp>> = BTreeMap::new();
         for (ino, tags) in items {
@@ -1353,7 +1354,7 @@ impl Fs {
                 });
         }
         let batches = by_group.into_iter().flat_map(|(g, ops)| {
-            ops.chunks(1024)
+            ops.chunks(BATCH_CREATES)
                 .map(|c| (g, c.to_vec()))
                 .collect::<Vec<_>>()
         });
@@ -1362,7 +1363,7 @@ impl Fs {
                 self.cluster
                     .propose(g, Op::SetTagsBatch(proto::meta::SetTagsBatchOp { items }))
             })
-            .buffer_unordered(16)
+            .buffer_unordered(BATCHES_IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
         Ok(())
@@ -1380,33 +1381,40 @@ impl Fs {
     /// Tracks whose tags match every term, from every group, in inode
     /// order within each group; at most `limit`.
     pub async fn search(&self, terms: &[TagTerm], limit: usize) -> Result<Vec<TrackHit>> {
-        let groups = self.cluster.group_count();
-        let per_group = futures::future::try_join_all((0..groups).map(|g| {
-            let terms = terms.to_vec();
-            async move {
+        self.tracks_of_every_group(limit, |after, limit| {
+            Q::Search(SearchQuery {
+                terms: terms.to_vec(),
+                after_ino: after,
+                limit,
+            })
+        })
+        .await
+    }
+
+    /// Tracks from every group, each group's pages followed by their
+    /// `next_ino` cursor (`query(after, page_limit)` makes one page's
+    /// query), at most `limit`.
+    async fn tracks_of_every_group(
+        &self,
+        limit: usize,
+        query: impl Fn(u64, u32) -> Q,
+    ) -> Result<Vec<TrackHit>> {
+        let query = &query;
+        let per_group =
+            futures::future::try_join_all((0..self.cluster.group_count()).map(|g| async move {
                 let mut hits = Vec::new();
                 let mut after = 0;
                 loop {
-                    let r = self
-                        .cluster
-                        .query(
-                            g,
-                            Q::Search(SearchQuery {
-                                terms: terms.clone(),
-                                after_ino: after,
-                                limit: (limit - hits.len()).min(1000) as u32,
-                            }),
-                        )
-                        .await?;
+                    let page = (limit - hits.len()).min(1000) as u32;
+                    let r = self.cluster.query(g, query(after, page)).await?;
                     hits.extend(r.tracks);
                     if !r.more || hits.len() >= limit || r.next_ino <= after {
                         return Ok::<_, ClientError>(hits);
                     }
                     after = r.next_ino;
                 }
-            }
-        }))
-        .await?;
+            }))
+            .await?;
         let mut all: Vec<TrackHit> = per_group.into_iter().flatten().collect();
         all.truncate(limit);
         Ok(all)
@@ -1466,34 +1474,33 @@ impl Fs {
         Ok((out, more))
     }
 
+    /// Whether any track's indexed `field` equals `value` (one page of at
+    /// most one track from each group).
+    pub async fn tag_exists(&self, field: &str, value: &str) -> Result<bool> {
+        let hits = self
+            .tracks_of_every_group(1, |after, limit| {
+                Q::TagTracks(TagTracksQuery {
+                    field: field.to_string(),
+                    value: value.to_string(),
+                    after_ino: after,
+                    limit,
+                })
+            })
+            .await?;
+        Ok(!hits.is_empty())
+    }
+
     /// Every track whose indexed `field` equals `value`, from every group.
     pub async fn tag_tracks(&self, field: &str, value: &str) -> Result<Vec<TrackHit>> {
-        let groups = self.cluster.group_count();
-        let per_group = futures::future::try_join_all((0..groups).map(|g| async move {
-            let mut hits = Vec::new();
-            let mut after = 0;
-            loop {
-                let r = self
-                    .cluster
-                    .query(
-                        g,
-                        Q::TagTracks(TagTracksQuery {
-                            field: field.to_string(),
-                            value: value.to_string(),
-                            after_ino: after,
-                            limit: 1000,
-                        }),
-                    )
-                    .await?;
-                hits.extend(r.tracks);
-                if !r.more || r.next_ino <= after {
-                    return Ok::<_, ClientError>(hits);
-                }
-                after = r.next_ino;
-            }
-        }))
-        .await?;
-        Ok(per_group.into_iter().flatten().collect())
+        self.tracks_of_every_group(usize::MAX, |after, limit| {
+            Q::TagTracks(TagTracksQuery {
+                field: field.to_string(),
+                value: value.to_string(),
+                after_ino: after,
+                limit,
+            })
+        })
+        .await
     }
 
     /// Events of `group`'s change feed after `after_seq` (`QueryResult`'s

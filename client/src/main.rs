@@ -114,22 +114,22 @@ struct ViewArgs {
 
 impl ViewArgs {
     fn build(&self) -> Result<Option<musicfs_client::views::Views>> {
-        use musicfs_client::views::{Template, Views, DEFAULT_VIEWS};
+        use musicfs_client::views::{Template, Views};
         if self.no_views {
             return Ok(None);
         }
         if self.views_dir.is_empty() || self.views_dir.contains('/') {
             anyhow::bail!("--views-dir must be a single path component");
         }
-        let templates = if self.views.is_empty() {
-            DEFAULT_VIEWS
-                .iter()
-                .map(|(n, t)| Template::parse(n, t))
-                .collect::<std::result::Result<Vec<_>, _>>()
-        } else {
-            self.views.iter().map(|s| Template::parse_spec(s)).collect()
+        if self.views.is_empty() {
+            return Ok(Some(Views::defaults(&self.views_dir)));
         }
-        .map_err(anyhow::Error::msg)?;
+        let templates = self
+            .views
+            .iter()
+            .map(|s| Template::parse_spec(s))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
         Ok(Some(Views::new(&self.views_dir, templates)))
     }
 }
@@ -1344,6 +1344,10 @@ async fn watch(
     };
     cursor.save(path)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut every = tokio::time::interval(Duration::from_millis(interval_ms.max(50)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now: the feed is read at once, then every interval.
+    every.tick().await;
     loop {
         let mut lines = Vec::new();
         w.poll(&mut cursor, &mut |c| {
@@ -1367,7 +1371,7 @@ async fn watch(
             return Ok(());
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(interval_ms.max(50))) => {}
+            _ = every.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
         }
@@ -1591,12 +1595,7 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     println!("Press Ctrl-C to unmount and stop the nodes.");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let views = ViewArgs {
-        views: Vec::new(),
-        views_dir: ".views".into(),
-        no_views: false,
-    }
-    .build()?;
+    let views = Some(musicfs_client::views::Views::defaults(".views"));
     let res = admin::mount_until_signal(cluster, &mnt, 256 << 20, root, views).await;
     drop(nodes);
     res?;

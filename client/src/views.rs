@@ -348,7 +348,33 @@ const MAX_COVERS: usize = 64;
 const MAX_COVER_READ: usize = 32 << 20;
 
 /// Results kept for `LISTING_TTL`, with the time they were made.
-type Timed<K, V> = Mutex<HashMap<K, (Instant, Arc<V>)>>;
+struct Timed<K, V>(Mutex<HashMap<K, (Instant, Arc<V>)>>);
+
+impl<K: std::hash::Hash + Eq, V> Timed<K, V> {
+    fn new() -> Self {
+        Timed(Mutex::new(HashMap::new()))
+    }
+
+    fn get(&self, key: &K) -> Option<Arc<V>> {
+        lock(&self.0)
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < LISTING_TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Keeps `value` (dropping what has expired) and hands it back.
+    fn put(&self, key: K, value: V) -> Arc<V> {
+        let value = Arc::new(value);
+        let mut map = lock(&self.0);
+        map.retain(|_, (at, _)| at.elapsed() < LISTING_TTL);
+        map.insert(key, (Instant::now(), value.clone()));
+        value
+    }
+
+    fn remove(&self, key: &K) {
+        lock(&self.0).remove(key);
+    }
+}
 
 pub struct Views {
     pub dir_name: String,
@@ -374,6 +400,15 @@ fn not_found(what: impl std::fmt::Display) -> ClientError {
 }
 
 impl Views {
+    /// The default views (`DEFAULT_VIEWS`) under `dir_name`.
+    pub fn defaults(dir_name: &str) -> Self {
+        let templates = DEFAULT_VIEWS
+            .iter()
+            .map(|(n, t)| Template::parse(n, t).expect("the default templates parse"))
+            .collect();
+        Views::new(dir_name, templates)
+    }
+
     pub fn new(dir_name: &str, templates: Vec<Template>) -> Self {
         let mut table = Table::default();
         table.nodes.insert(
@@ -388,8 +423,8 @@ impl Views {
             dir_name: dir_name.to_string(),
             templates,
             table: Mutex::new(table),
-            listings: Mutex::new(HashMap::new()),
-            tracks: Mutex::new(HashMap::new()),
+            listings: Timed::new(),
+            tracks: Timed::new(),
             covers: Mutex::new(HashMap::new()),
             started: Timespec::now(),
         }
@@ -412,7 +447,7 @@ impl Views {
     /// memory for good. Its path gets a new inode when seen again.
     pub fn forget(&self, ino: u64, n: u64) {
         if lock(&self.table).forget(ino, n) {
-            lock(&self.listings).remove(&ino);
+            self.listings.remove(&ino);
         }
     }
 
@@ -556,19 +591,13 @@ impl Views {
 
     async fn tracks_of(&self, fs: &Fs, view: usize, first: &str) -> Result<Arc<Vec<TrackHit>>> {
         let key = (view, first.to_string());
-        if let Some((at, t)) = lock(&self.tracks).get(&key) {
-            if at.elapsed() < LISTING_TTL {
-                return Ok(t.clone());
-            }
+        if let Some(t) = self.tracks.get(&key) {
+            return Ok(t);
         }
         let field = self.templates[view].first_field().to_string();
         let mut hits = fs.tag_tracks(&field, first).await?;
         hits.sort_by_key(|h| h.ino);
-        let hits = Arc::new(hits);
-        let mut cache = lock(&self.tracks);
-        cache.retain(|_, (at, _)| at.elapsed() < LISTING_TTL);
-        cache.insert(key, (Instant::now(), hits.clone()));
-        Ok(hits)
+        Ok(self.tracks.put(key, hits))
     }
 
     /// The children of a directory below the first level: the tracks with
@@ -652,10 +681,8 @@ impl Views {
     }
 
     async fn children(&self, fs: &Fs, dir: u64) -> Result<Arc<Vec<Child>>> {
-        if let Some((at, c)) = lock(&self.listings).get(&dir) {
-            if at.elapsed() < LISTING_TTL {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.listings.get(&dir) {
+            return Ok(c);
         }
         let children = match self.node(dir)? {
             Node::Top => {
@@ -669,7 +696,13 @@ impl Views {
                     })
                     .collect()
             }
-            Node::View(v) => self.first_level(fs, dir, v, None, usize::MAX).await?.0,
+            // The first level is paged by `readdir` and checked by `lookup`
+            // against the index, never listed whole.
+            Node::View(_) => {
+                return Err(ClientError::Invalid(
+                    "a view's first level is not listed whole".into(),
+                ))
+            }
             Node::Dir {
                 view,
                 first,
@@ -686,11 +719,7 @@ impl Views {
                 )))
             }
         };
-        let children = Arc::new(children);
-        let mut cache = lock(&self.listings);
-        cache.retain(|_, (at, _)| at.elapsed() < LISTING_TTL);
-        cache.insert(dir, (Instant::now(), children.clone()));
-        Ok(children)
+        Ok(self.listings.put(dir, children))
     }
 
     /// First-level directories of view `v` from the tag index, after the
@@ -748,7 +777,7 @@ impl Views {
                 } else {
                     name.to_string()
                 };
-                if fs.tag_tracks(&field, &value).await?.is_empty() {
+                if !fs.tag_exists(&field, &value).await? {
                     return Err(not_found(name));
                 }
                 let key = proto::tags::index_norm(field == "year", &value)
@@ -777,7 +806,7 @@ impl Views {
         match self.node(ino)? {
             Node::Dir { view, first, .. } => {
                 let field = self.templates[view].first_field().to_string();
-                Ok(!fs.tag_tracks(&field, &first).await?.is_empty())
+                fs.tag_exists(&field, &first).await
             }
             _ => Ok(false),
         }
@@ -826,8 +855,6 @@ impl Views {
         let mut out = Vec::with_capacity(page.len());
         for c in page {
             let attr = if plus {
-                // A readdirplus entry counts as a lookup for the kernel.
-                self.looked_up(c.ino);
                 Some(self.getattr(fs, c.ino).await?)
             } else {
                 None
@@ -845,6 +872,13 @@ impl Views {
                 kind,
                 attr,
             });
+        }
+        if plus {
+            // A readdirplus entry counts as a lookup for the kernel: only
+            // once the page is sure to reach it.
+            for e in &out {
+                self.looked_up(e.ino);
+            }
         }
         Ok((out, more))
     }

@@ -171,9 +171,10 @@ impl<'a> Watcher<'a> {
         let path = match ChangeKind::try_from(e.kind) {
             Ok(ChangeKind::Created | ChangeKind::Deleted) => {
                 let p = self.path_in(e.parent, &e.name).await;
-                if dir {
-                    // Paths under a created, removed or renamed directory
-                    // may have changed: find them again.
+                if dir && self.dirs.contains_key(&e.ino) {
+                    // Paths under a removed or renamed directory may have
+                    // changed: find them again. (One not found yet has no
+                    // descendants found either: paths are found root first.)
                     self.dirs.clear();
                 }
                 p

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::TestCluster;
 use musicfs_client::fs::NewEntry;
-use musicfs_client::views::{Template, Views, DEFAULT_VIEWS};
+use musicfs_client::views::Views;
 use proto::meta::{FileKind, Tags};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,11 +64,7 @@ async fn a_view_pages_through_thousands_of_artists_once_each() {
         }
     }
     fs.set_tags_many(tracks).await.expect("tags");
-    let templates = DEFAULT_VIEWS
-        .iter()
-        .map(|(n, t)| Template::parse(n, t).expect("template"))
-        .collect();
-    fs.enable_views(Views::new(".views", templates));
+    fs.enable_views(Views::defaults(".views"));
     let artists = fs
         .resolve(".views/artists")
         .await

@@ -246,9 +246,6 @@ pub mod keys {
         k.extend_from_slice(&ino.to_be_bytes());
         k
     }
-    pub fn postings_prefix(group: u32) -> Vec<u8> {
-        tagged(group, TAG_POSTING, 0)
-    }
     pub fn tag_values(group: u32, field: u8) -> Vec<u8> {
         let mut k = tagged(group, TAG_VALUE, 1);
         k.push(field);
@@ -259,16 +256,22 @@ pub mod keys {
         k.extend_from_slice(norm);
         k
     }
-    pub fn tag_values_prefix(group: u32) -> Vec<u8> {
-        tagged(group, TAG_VALUE, 0)
+    /// The change feed: events by sequence, and the next sequence.
+    pub fn feed_prefix(group: u32) -> Vec<u8> {
+        tagged(group, FEED, 0)
+    }
+    pub fn feed_event(group: u32, seq: u64) -> Vec<u8> {
+        let mut k = tagged(group, FEED, 8);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+    pub fn feed_seq(group: u32) -> Vec<u8> {
+        tagged(group, FEED_SEQ, 0)
     }
     pub fn tag_distinct(group: u32, field: u8) -> Vec<u8> {
         let mut k = tagged(group, TAG_DISTINCT, 1);
         k.push(field);
         k
-    }
-    pub fn tag_distinct_prefix(group: u32) -> Vec<u8> {
-        tagged(group, TAG_DISTINCT, 0)
     }
     pub fn layout(group: u32, ino: u64) -> Vec<u8> {
         let mut k = tagged(group, LAYOUT, 8);

@@ -119,6 +119,11 @@ const GENRES: [&str; 20] = [
     "Soundtrack",
 ];
 
+/// The genre of an artist (each has one).
+fn genre_of(artist: u64) -> &'static str {
+    GENRES[(artist as usize * 7) % GENRES.len()]
+}
+
 /// The tags of track `t` (of album `album`): every artist has one genre,
 /// every album one year.
 fn track_tags(shape: &Shape, album: u64, t: u64, path: String) -> Tags {
@@ -131,7 +136,7 @@ fn track_tags(shape: &Shape, album: u64, t: u64, path: String) -> Tags {
         title: format!("Track {t}"),
         track: (t - first + 1) as u32,
         track_total: shape.tracks as u32,
-        genre: GENRES[(artist as usize * 7) % GENRES.len()].into(),
+        genre: genre_of(artist).into(),
         year: 1960 + (album % 60) as u32,
         codec: "flac".into(),
         path,
@@ -263,6 +268,8 @@ async fn create(shape: Shape, parallel: usize, with_tags: bool) -> Result<()> {
                 for (i, r) in fs.create_entries(&refs).await?.into_iter().enumerate() {
                     let ino = match r {
                         Ok(a) => a.ino,
+                        // A re-run: the inode is needed only for its tags.
+                        Err(e) if e.code() == Some(ErrorCode::Exists) && !with_tags => continue,
                         Err(e) if e.code() == Some(ErrorCode::Exists) => {
                             fs.lookup(tracks[i].0, &tracks[i].1.name).await?.ino
                         }
@@ -373,12 +380,9 @@ async fn search(shape: Shape, runs: usize) -> Result<()> {
         format!("artist:\"Artist {a:06}\""),
         format!(
             "artist:\"Artist {a:06}\" year:1960..2020 genre:{}",
-            GENRES[(a as usize * 7) % 20]
+            genre_of(a)
         ),
-        format!(
-            "artist:\"Artist {a:06}\" genre:{}",
-            GENRES[(a as usize * 7) % 20]
-        ),
+        format!("artist:\"Artist {a:06}\" genre:{}", genre_of(a)),
         format!("artist:\"Artist {a:06}\" year:1960..2020"),
         format!("album:\"Album {a:06}-003\""),
         "genre:jazz year:1999".to_string(),
@@ -398,17 +402,11 @@ async fn search(shape: Shape, runs: usize) -> Result<()> {
 }
 
 async fn views(shape: Shape) -> Result<()> {
-    use musicfs_client::views::{Template, Views, DEFAULT_VIEWS};
     let fs = connect(&shape.cluster).await?;
-    let templates = DEFAULT_VIEWS
-        .iter()
-        .map(|(n, t)| Template::parse(n, t))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    fs.enable_views(Views::new(".views", templates));
+    fs.enable_views(musicfs_client::views::Views::defaults(".views"));
     let artists = shape.files.div_ceil(shape.tracks).div_ceil(shape.albums);
     let a = artists / 2;
-    let genre = GENRES[(a as usize * 7) % 20];
+    let genre = genre_of(a);
     let paths = [
         ".views/artists".to_string(),
         format!(".views/artists/Artist {a:06}"),

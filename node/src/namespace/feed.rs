@@ -13,6 +13,7 @@ use proto::meta::{
     QueryResult, Tags,
 };
 
+use super::txn::u64_at;
 use super::{decode, keys, KvError, KvRead, Namespace, NsError, Txn};
 
 /// Events kept per group.
@@ -20,30 +21,11 @@ pub const KEEP: u64 = 200_000;
 /// Most events one query returns.
 const MAX_PAGE: usize = 1000;
 
-fn seq_key(group: u32) -> Vec<u8> {
-    let mut k = keys::group_prefix(group);
-    k.push(keys::FEED_SEQ);
-    k
-}
-
-fn prefix(group: u32) -> Vec<u8> {
-    let mut k = keys::group_prefix(group);
-    k.push(keys::FEED);
-    k
-}
-
-fn event_key(group: u32, seq: u64) -> Vec<u8> {
-    let mut k = prefix(group);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 /// The sequence the next event gets (sequences start at 1).
 fn next_seq<R: KvRead + ?Sized>(kv: &R, group: u32) -> Result<u64, KvError> {
     Ok(kv
-        .get(&seq_key(group))?
-        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-        .map(u64::from_be_bytes)
+        .get(&keys::feed_seq(group))?
+        .map(|v| u64_at(&v, 0))
         .unwrap_or(1))
 }
 
@@ -93,7 +75,7 @@ pub(super) fn record<R: KvRead + ?Sized>(
     let mut changed: Vec<u64> = committed.into_iter().collect();
     for k in txn.writes.keys() {
         if k.len() == 13 && k[..4] == group.to_be_bytes() && k[4] == keys::LAYOUT {
-            let ino = u64::from_be_bytes(k[5..].try_into().unwrap_or_default());
+            let ino = u64_at(k, 5);
             let inode_gone = matches!(txn.writes.get(&keys::inode(group, ino)), Some(None));
             if !inode_gone && !changed.contains(&ino) {
                 changed.push(ino);
@@ -107,7 +89,7 @@ pub(super) fn record<R: KvRead + ?Sized>(
         let rest = &k[5..];
         match k[4] {
             keys::DIRENT if rest.len() >= 8 => {
-                let parent = u64::from_be_bytes(rest[..8].try_into().unwrap_or_default());
+                let parent = u64_at(rest, 0);
                 let name = &rest[8..];
                 let old: Option<DirentRecord> = match base.get(k)? {
                     Some(b) => Some(decode(k, &b)?),
@@ -133,7 +115,7 @@ pub(super) fn record<R: KvRead + ?Sized>(
                 }
             }
             keys::LAYOUT if rest.len() == 8 => {
-                let ino = u64::from_be_bytes(rest.try_into().unwrap_or_default());
+                let ino = u64_at(rest, 0);
                 if let Some(i) = changed.iter().position(|c| *c == ino) {
                     changed.remove(i);
                     events.push(modified(ino));
@@ -147,7 +129,7 @@ pub(super) fn record<R: KvRead + ?Sized>(
                 let tags: Tags = decode(k, b)?;
                 events.push(ChangeEvent {
                     kind: ChangeKind::Retagged as i32,
-                    ino: u64::from_be_bytes(rest.try_into().unwrap_or_default()),
+                    ino: u64_at(rest, 0),
                     file_kind: FileKind::Regular as i32,
                     path: tags.path,
                     time_ms,
@@ -165,13 +147,13 @@ pub(super) fn record<R: KvRead + ?Sized>(
     let mut seq = next_seq(txn, group)?;
     for mut e in events {
         e.seq = seq;
-        txn.put(event_key(group, seq), &e);
+        txn.put(keys::feed_event(group, seq), &e);
         if seq > KEEP {
-            txn.delete(event_key(group, seq - KEEP));
+            txn.delete(keys::feed_event(group, seq - KEEP));
         }
         seq += 1;
     }
-    txn.put_raw(seq_key(group), seq.to_be_bytes().to_vec());
+    txn.put_raw(keys::feed_seq(group), seq.to_be_bytes().to_vec());
     Ok(())
 }
 
@@ -192,7 +174,7 @@ impl Namespace {
         } else {
             start.to_be_bytes().to_vec()
         };
-        let rows = kv.scan(&prefix(self.group), &after, limit + 1)?;
+        let rows = kv.scan(&keys::feed_prefix(self.group), &after, limit + 1)?;
         out.more = rows.len() > limit;
         for (k, v) in rows.iter().take(limit) {
             out.changes.push(decode(k, v)?);

@@ -14,6 +14,7 @@ use proto::meta::{
     TagValuesQuery, Tags, TrackHit,
 };
 
+use super::txn::u64_at;
 use super::{decode, keys, KvRead, Namespace, NsError, Txn, MAX_SEARCH};
 
 /// Indexed fields: (id in keys, query name).
@@ -91,11 +92,9 @@ pub fn is_marker(key: &[u8]) -> bool {
     key.len() == 6 && key[4] == keys::TAG_DISTINCT && key[5] == 0
 }
 
+/// The track count at the front of a value record.
 fn count_of(v: &[u8]) -> u64 {
-    v.get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
+    u64_at(v, 0)
 }
 
 fn value_record(count: u64, display: &str) -> Vec<u8> {
