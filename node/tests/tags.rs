@@ -333,6 +333,7 @@ fn tags_stored_before_the_index_are_indexed_by_reindex() {
     for k in old {
         g.0 .0.remove(&k);
     }
+    assert_consistent(&g); // not built yet is not broken
     let e = g
         .query(Q::TagValues(TagValuesQuery {
             field: "artist".into(),
@@ -461,7 +462,31 @@ fn the_change_feed_has_each_change_once_in_apply_order() {
     // Reading on from a cursor gives what came after it, once.
     let third = seqs[2];
     assert_eq!(changes(&g, third).len(), 3);
-    assert!(changes(&g, *seqs.last().expect("seq")).is_empty());
+    let last = *seqs.last().expect("seq");
+    assert!(changes(&g, last).is_empty());
+    // Forgetting a file's tags is a change of its tags too.
+    let c = g.create("c.flac", FileKind::Regular);
+    let mut t = track("Low", 1994);
+    t.path = "/c.flac".into();
+    g.apply(Op::SetTags(SetTagsOp {
+        ino: c,
+        tags: Some(t),
+    }))
+    .expect("tags");
+    g.apply(Op::SetTags(SetTagsOp { ino: c, tags: None }))
+        .expect("forget");
+    let kinds: Vec<(ChangeKind, String)> = changes(&g, last)
+        .into_iter()
+        .map(|(k, _, w)| (k, w))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (ChangeKind::Created, "c.flac".into()),
+            (ChangeKind::Retagged, "/c.flac".into()),
+            (ChangeKind::Retagged, "/c.flac".into()),
+        ]
+    );
     assert_consistent(&g);
 }
 

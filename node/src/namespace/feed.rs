@@ -122,11 +122,21 @@ pub(super) fn record<R: KvRead + ?Sized>(
                 }
             }
             keys::TAGS if rest.len() == 8 => {
-                let Some(b) = new else { continue };
-                if base.get(k)?.as_deref() == Some(&b[..]) {
-                    continue;
-                }
-                let tags: Tags = decode(k, b)?;
+                let old = base.get(k)?;
+                let tags: Tags = match (new, old) {
+                    (Some(b), old) if old.as_deref() != Some(&b[..]) => decode(k, b)?,
+                    // Tags forgotten while the file stays (a file that goes
+                    // takes its tags along: its entry's deletion says so).
+                    (None, Some(b))
+                        if !matches!(
+                            txn.writes.get(&keys::inode(group, u64_at(rest, 0))),
+                            Some(None)
+                        ) =>
+                    {
+                        decode(k, &b)?
+                    }
+                    _ => continue,
+                };
                 events.push(ChangeEvent {
                     kind: ChangeKind::Retagged as i32,
                     ino: u64_at(rest, 0),
