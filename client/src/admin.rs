@@ -2,7 +2,7 @@
 //! mount helper.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1036,23 +1036,78 @@ pub async fn scrub_status(seeds: &[String]) -> Result<Vec<ScrubView>> {
     Ok(out)
 }
 
+/// How a mount caches and reads.
+pub struct MountOptions {
+    /// Memory for chunks (read and read-ahead).
+    pub cache_bytes: usize,
+    pub allow_other: bool,
+    pub views: Option<crate::views::Views>,
+    /// How long the kernel caches attributes and entries.
+    pub attr_timeout: Duration,
+    /// A directory that keeps chunks across remounts, and its size.
+    pub disk_cache: Option<(PathBuf, u64)>,
+    /// The kernel's read-ahead for the mount (0 keeps the kernel's).
+    pub read_ahead_kib: u32,
+    /// Reads bypass the kernel's page cache (every read reaches the
+    /// client; for comparison in benchmarks).
+    pub direct_io: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            cache_bytes: crate::fs::DEFAULT_CACHE_BYTES,
+            allow_other: false,
+            views: None,
+            attr_timeout: crate::fuse::ATTR_TTL,
+            disk_cache: None,
+            read_ahead_kib: DEFAULT_READ_AHEAD_KIB,
+            direct_io: false,
+        }
+    }
+}
+
+/// The kernel read-ahead a mount asks for: large enough that a sequential
+/// reader sends 1 MiB requests, several at once (docs/BENCHMARKS.md).
+pub const DEFAULT_READ_AHEAD_KIB: u32 = 4096;
+
+/// Sets the kernel's read-ahead of the file system mounted at `mountpoint`
+/// (its backing device's `read_ahead_kb`; FUSE can only lower it at init).
+pub fn set_read_ahead(mountpoint: &Path, kib: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&path, kib.to_string())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
 /// Mounts the cluster at `mountpoint` and serves it until SIGINT/SIGTERM,
 /// then unmounts.
 pub async fn mount_until_signal(
     cluster: Arc<crate::Cluster>,
     mountpoint: &Path,
-    cache_bytes: usize,
-    allow_other: bool,
-    views: Option<crate::views::Views>,
+    opts: MountOptions,
 ) -> std::result::Result<(), MountError> {
     use fuser::MountOption;
-    let fs = crate::Fs::new(cluster, cache_bytes);
-    if let Some(v) = views {
+    let fs = crate::Fs::new(cluster, opts.cache_bytes);
+    if let Some((dir, bytes)) = &opts.disk_cache {
+        let dc = crate::diskcache::DiskCache::open(dir, *bytes)?;
+        tracing::info!(dir = %dir.display(), chunks = dc.len(), bytes = dc.used(), "disk cache opened");
+        fs.enable_disk_cache(dc);
+    }
+    if let Some(v) = opts.views {
         fs.enable_views(v);
     }
     // A tag editor writing through the mount keeps `musicfs search` current.
     fs.keep_tags_current(true);
-    let shim = crate::fuse::MusicFuse::new(fs, tokio::runtime::Handle::current());
+    let shim = crate::fuse::MusicFuse::new(fs, tokio::runtime::Handle::current())
+        .with_ttl(opts.attr_timeout)
+        .with_direct_io(opts.direct_io);
+    let notifier = shim.notifier_slot();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         MountOption::FSName("musicfs".into()),
@@ -1060,12 +1115,20 @@ pub async fn mount_until_signal(
         MountOption::DefaultPermissions,
         MountOption::RW,
     ];
-    if allow_other {
+    if opts.allow_other {
         cfg.acl = fuser::SessionACL::All;
     }
     cfg.n_threads = Some(2);
     let session = fuser::spawn_mount(shim, mountpoint, &cfg)
         .map_err(|e| MountError::Mount(mountpoint.display().to_string(), e))?;
+    let _ = notifier.set(session.notifier());
+    if opts.read_ahead_kib > 0 {
+        if let Err(e) = set_read_ahead(mountpoint, opts.read_ahead_kib) {
+            // Not root, or no sysfs: the kernel's default read-ahead
+            // (128 KiB) still works, in smaller requests.
+            tracing::warn!(error = %e, "cannot set the mount's read-ahead");
+        }
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(MountError::Signal)?;
     tokio::select! {
@@ -1086,6 +1149,8 @@ pub enum MountError {
     Mount(String, #[source] std::io::Error),
     #[error("cannot watch for signals: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    DiskCache(#[from] crate::diskcache::DiskCacheError),
     #[error("unmount failed: {0}")]
     Unmount(#[source] std::io::Error),
 }

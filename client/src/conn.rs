@@ -29,8 +29,11 @@ pub struct ClusterConfig {
     pub seeds: Vec<String>,
     /// How long an operation keeps retrying before it fails with EIO.
     pub deadline: Duration,
-    /// Timeout of a single RPC.
+    /// Timeout of a single RPC (a chunk transfer).
     pub rpc_timeout: Duration,
+    /// How long one metadata call may go unanswered before the client
+    /// tries another node (a partitioned leader never answers).
+    pub attempt_timeout: Duration,
     /// Local address to connect from (default: the system's choice).
     pub local_address: Option<std::net::IpAddr>,
     /// TLS credentials and admin token (default: this process's).
@@ -43,6 +46,7 @@ impl ClusterConfig {
             seeds,
             deadline: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(3),
             local_address: None,
             transport: crate::transport(),
         }
@@ -83,9 +87,14 @@ pub struct Cluster {
     group_count: RwLock<u32>,
     leaders: RwLock<HashMap<u32, u64>>,
     channels: Mutex<HashMap<String, Channel>>,
-    /// Storage nodes that failed a call recently, and when: writes do not
-    /// wait for them once a quorum is in, reads try them last.
+    /// Nodes that failed a call, and when: writes do not wait for them
+    /// once a quorum is in, reads try them last, metadata calls without a
+    /// known leader go to them last. A background probe clears a node
+    /// that answers again.
     suspects: Mutex<HashMap<u64, Instant>>,
+    /// Smoothed time of a chunk read (µs): a read slower than a few times
+    /// this is hedged on another replica.
+    read_latency_us: std::sync::atomic::AtomicU64,
     /// Storage nodes (group 0's record) and the cluster's replication factor.
     storage: RwLock<Storage>,
     /// When on, every metadata answer as (group, node), for tools that
@@ -121,8 +130,18 @@ impl Storage {
 /// How often a client re-reads the cluster's members.
 const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a failed storage node stays suspect without a new failure.
-const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// How long a failed node stays suspect when no probe reaches it either
+/// (probes clear it sooner once it answers).
+const SUSPECT_FOR: Duration = Duration::from_secs(60);
+
+/// How often suspect nodes are probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bounds of the delay after which a chunk read is sent to a second
+/// replica too.
+const HEDGE_MIN: Duration = Duration::from_millis(100);
+const HEDGE_MAX: Duration = Duration::from_millis(500);
 
 /// A request id in flight; dropping it lets the cluster forget the reply
 /// of the command sent under it (see [`Cluster::request_id`]).
@@ -154,6 +173,7 @@ impl Cluster {
             leaders: RwLock::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            read_latency_us: std::sync::atomic::AtomicU64::new(0),
             storage: RwLock::new(Storage::default()),
             answers: Mutex::new(None),
             chunk_bytes_sent: std::sync::atomic::AtomicU64::new(0),
@@ -167,6 +187,14 @@ impl Cluster {
                 tokio::time::sleep(REFRESH_EVERY).await;
                 let Some(c) = weak.upgrade() else { return };
                 let _ = c.refresh_once().await;
+            }
+        });
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(c) = weak.upgrade() else { return };
+                c.probe_suspects().await;
             }
         });
         Ok(cluster)
@@ -310,7 +338,7 @@ impl Cluster {
     pub async fn status_of(&self, addr: &str) -> Result<StatusResponse> {
         let ch = self.channel(addr)?;
         let mut c = AdminServiceClient::new(ch);
-        let r = tokio::time::timeout(self.cfg.rpc_timeout, c.status(StatusRequest {}))
+        let r = tokio::time::timeout(self.cfg.attempt_timeout, c.status(StatusRequest {}))
             .await
             .map_err(|_| ClientError::Unavailable(format!("{addr}: status timed out")))?
             .map_err(|s| ClientError::Unavailable(format!("{addr}: {}", s.message())))?;
@@ -341,6 +369,8 @@ impl Cluster {
             .tcp_nodelay(true)
             .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
+            // Chunks arrive in large frames: fewer frames, less work per byte.
+            .max_frame_size(proto::MAX_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let ch = ep.connect_lazy();
@@ -378,10 +408,11 @@ impl Cluster {
         if n == 0 {
             return None;
         }
-        peers
-            .iter()
-            .nth(attempt % n)
-            .map(|(id, a)| (*id, a.clone()))
+        // Without a known leader, go round the members, those that failed
+        // recently last.
+        let mut order: Vec<(u64, String)> = peers.into_iter().collect();
+        order.sort_by_key(|(id, _)| self.is_suspect(*id));
+        order.into_iter().nth(attempt % n)
     }
 
     /// The node this client sends `group`'s calls to first, if it knows one.
@@ -432,9 +463,19 @@ impl Cluster {
             };
             let mut hinted = false;
             let reason: &'static str;
-            match call(self.meta_client(&addr)?).await {
+            let answer =
+                tokio::time::timeout(self.cfg.attempt_timeout, call(self.meta_client(&addr)?))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tonic::Status::deadline_exceeded(format!(
+                            "no answer within {:?}",
+                            self.cfg.attempt_timeout
+                        )))
+                    });
+            match answer {
                 Ok(r) => match r.error() {
                     None => {
+                        self.note_node(node, true);
                         // The node that answered leads: remember it, or
                         // every later call would start with whichever node
                         // comes first (dead, perhaps) and back off.
@@ -476,6 +517,7 @@ impl Cluster {
                     reason = "transport";
                     last = format!("node {node} ({addr}): {}", s.message());
                     tracing::debug!(group, node, %addr, error = %s.message(), "{what} failed");
+                    self.note_node(node, false);
                     self.set_leader(group, None);
                 }
             }
@@ -591,12 +633,64 @@ impl Cluster {
         .await
     }
 
-    fn note_storage(&self, node: u64, ok: bool) {
+    /// Records that `node` answered (`ok`) or failed a call.
+    fn note_node(&self, node: u64, ok: bool) {
         let mut s = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
         if ok {
             s.remove(&node);
-        } else {
-            s.insert(node, Instant::now());
+        } else if s.insert(node, Instant::now()).is_none() {
+            tracing::info!(
+                node,
+                "node failed a call: trying it last until it answers a probe"
+            );
+        }
+    }
+
+    /// Nodes this client currently avoids.
+    pub fn suspects(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| t.elapsed() < SUSPECT_FOR)
+            .map(|(n, _)| *n)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Asks every suspect node whether it answers again (an empty `Has`
+    /// on its chunk service, or a status call for a metadata-only
+    /// member), and clears those that do.
+    async fn probe_suspects(&self) {
+        let storage = self.storage();
+        let peers = self.peers();
+        for node in self.suspects() {
+            let ok = if let Some((addr, _)) = storage.nodes.get(&node) {
+                let Ok(mut c) = self.chunk_client(addr) else {
+                    continue;
+                };
+                let req = proto::storage::HasChunksRequest { chunk_ids: vec![] };
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, c.has(req)).await,
+                    Ok(Ok(_))
+                )
+            } else if let Some(addr) = peers.get(&node) {
+                let Ok(mut c) = self.channel(addr).map(AdminServiceClient::new) else {
+                    continue;
+                };
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, c.status(StatusRequest {})).await,
+                    Ok(Ok(_))
+                )
+            } else {
+                true
+            };
+            if ok {
+                tracing::info!(node, "node answers again");
+                self.note_node(node, true);
+            }
         }
     }
 
@@ -697,7 +791,7 @@ impl Cluster {
                 };
                 let Some((node, res)) = next else { break };
                 waiting.retain(|n| *n != node);
-                self.note_storage(node, res.is_ok());
+                self.note_node(node, res.is_ok());
                 match res {
                     Ok(()) => {
                         stored.push(node);
@@ -737,57 +831,109 @@ impl Cluster {
         }
     }
 
-    /// Reads a chunk from one of `locations`, verifying its hash, falling
-    /// back to other replicas and retrying until the deadline.
+    /// Reads a chunk from one of `locations`, verifying its hash. A replica
+    /// that fails moves the read on to the next at once; one that is slow
+    /// (no answer after eight times the usual read time) gets a second
+    /// replica asked in parallel, and the first intact answer wins. When
+    /// every replica failed, the read backs off and tries again until the
+    /// deadline.
     pub async fn get_chunk(&self, id: ChunkId, locations: &[u64]) -> Result<Bytes> {
-        let storage = self.storage();
-        let mut order: Vec<u64> = locations.to_vec();
-        // Nodes not listed may hold the chunk too (a repair copy not yet
-        // recorded, or locations this client read before a repair); try
-        // them last, best-placed first.
-        for n in placement(&id, storage.nodes.keys().copied()) {
-            if !order.contains(&n) {
-                order.push(n);
-            }
-        }
-        // Replicas that failed recently last (a stable sort keeps the rest).
-        order.sort_by_key(|n| self.is_suspect(*n));
         let tag = self.transfer_tag();
         let start = Instant::now();
         let mut backoff = backoff();
         let mut last = String::new();
         loop {
-            for node in &order {
-                let Some((addr, _)) = storage.nodes.get(node) else {
-                    continue;
+            let storage = self.storage();
+            let mut order: Vec<u64> = locations.to_vec();
+            // Nodes not listed may hold the chunk too (a repair copy not yet
+            // recorded, or locations this client read before a repair); try
+            // them last, best-placed first.
+            for n in placement(&id, storage.nodes.keys().copied()) {
+                if !order.contains(&n) {
+                    order.push(n);
+                }
+            }
+            // Replicas that failed recently last (a stable sort keeps the rest).
+            order.sort_by_key(|n| self.is_suspect(*n));
+            order.retain(|n| storage.nodes.contains_key(n));
+            let mut next = order.iter();
+            let mut pending = FuturesUnordered::new();
+            // The node asked last and not answered yet.
+            let mut newest: Option<u64> = None;
+            let mut launch =
+                |pending: &mut FuturesUnordered<_>, newest: &mut Option<u64>| -> bool {
+                    let Some(node) = next.next() else {
+                        return false;
+                    };
+                    *newest = Some(*node);
+                    let addr = storage.nodes[node].0.clone();
+                    let (node, tag) = (*node, tag.clone());
+                    let client = self.chunk_client(&addr);
+                    pending.push(async move {
+                        let sent = Instant::now();
+                        let mut req = tonic::Request::new(GetChunkRequest {
+                            chunk_id: Bytes::copy_from_slice(&id.0),
+                        });
+                        proto::tag_request(&mut req, &tag);
+                        let res = match client {
+                            Ok(mut c) => c.get(req).await.map(|r| r.into_inner()),
+                            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                        };
+                        (node, addr, sent.elapsed(), res)
+                    });
+                    true
                 };
-                let mut c = self.chunk_client(addr)?;
-                let mut req = tonic::Request::new(GetChunkRequest {
-                    chunk_id: Bytes::copy_from_slice(&id.0),
-                });
-                proto::tag_request(&mut req, &tag);
-                match c.get(req).await {
+            launch(&mut pending, &mut newest);
+            let mut hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+            while !pending.is_empty() {
+                let (node, addr, took, res) = tokio::select! {
+                    r = pending.next() => match r {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(hedge_at) => {
+                        // Too slow: later reads try it last until a probe
+                        // finds it answering again.
+                        if let Some(slow) = newest {
+                            self.note_node(slow, false);
+                        }
+                        if launch(&mut pending, &mut newest) {
+                            crate::metrics::hedged();
+                            tracing::debug!(req = %tag, %id, "chunk read slow: asking another replica too");
+                        }
+                        hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+                        continue;
+                    }
+                };
+                if newest == Some(node) {
+                    newest = None;
+                }
+                match res {
                     Ok(r) => {
-                        self.note_storage(*node, true);
-                        let r = r.into_inner();
+                        self.note_node(node, true);
                         if let Some(e) = r.error {
                             last = format!("node {node}: {e}");
-                            crate::metrics::retry("replica");
-                            continue;
-                        }
-                        if id.verify(&r.data) {
+                        } else if id.verify(&r.data) {
+                            self.note_read_time(took);
                             return Ok(r.data);
+                        } else {
+                            last = format!("node {node}: returned bytes that do not match the id");
+                            tracing::error!(%id, node, "replica returned corrupt chunk");
                         }
-                        last = format!("node {node}: returned bytes that do not match the id");
-                        tracing::error!(%id, node, "replica returned corrupt chunk");
                     }
                     Err(s) => {
-                        self.note_storage(*node, false);
+                        self.note_node(node, false);
                         tracing::debug!(req = %tag, %id, node, error = %s.message(), "chunk read failed");
                         last = format!("node {node} ({addr}): {}", s.message());
                     }
                 }
+                // This replica is out: the next one starts now.
                 crate::metrics::retry("replica");
+                launch(&mut pending, &mut newest);
+                hedge_at = tokio::time::Instant::now() + self.hedge_delay();
+            }
+            if last.is_empty() {
+                last = "no storage node is known".into();
             }
             if start.elapsed() >= self.cfg.deadline {
                 tracing::warn!(%id, error = %last, "chunk read gave up");
@@ -796,8 +942,29 @@ impl Cluster {
                     reason: last,
                 });
             }
-            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+            let d = backoff.next().unwrap_or(Duration::from_secs(1));
+            tokio::time::sleep(d.min(self.cfg.deadline.saturating_sub(start.elapsed()))).await;
         }
+    }
+
+    /// How long a chunk read waits before a second replica is asked too.
+    fn hedge_delay(&self) -> Duration {
+        let us = self
+            .read_latency_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if us == 0 {
+            return HEDGE_MAX;
+        }
+        (Duration::from_micros(us) * 8).clamp(HEDGE_MIN, HEDGE_MAX)
+    }
+
+    fn note_read_time(&self, took: Duration) {
+        let us = took.as_micros().min(u128::from(u32::MAX)) as u64;
+        let _ = self.read_latency_us.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |old| Some(if old == 0 { us } else { (old * 7 + us) / 8 }),
+        );
     }
 }
 

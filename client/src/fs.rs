@@ -27,6 +27,7 @@ use proto::{group_of_ino, validate_name, ChunkId};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::conn::{Cluster, RequestId};
+use crate::diskcache::DiskCache;
 use crate::error::{ClientError, Result};
 use crate::layout::{self, ChunkCache, DirtyRuns};
 use crate::views::{self, Views};
@@ -36,8 +37,15 @@ use crate::views::{self, Views};
 pub const SPILL_BYTES: usize = 32 << 20;
 /// Default size of the in-memory chunk cache of a mount.
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
-/// Chunks read ahead of a sequential reader.
-const READAHEAD_CHUNKS: usize = 4;
+/// Read-ahead window of a reader that just turned out sequential; it
+/// doubles with every further sequential read, up to a quarter of the
+/// chunk cache (at most `READAHEAD_MAX`).
+const READAHEAD_MIN: u64 = 2 << 20;
+const READAHEAD_MAX: u64 = 64 << 20;
+/// How far a read may land from the end of the last one and still count
+/// as sequential: the kernel's read-ahead sends several requests at once,
+/// and they may arrive out of order.
+const SEQUENTIAL_SLACK: u64 = 16 << 20;
 /// Concurrent chunk uploads per flush.
 const UPLOAD_PARALLELISM: usize = 8;
 
@@ -111,8 +119,11 @@ struct FileState {
     written: bool,
     mtime: Option<Timespec>,
     opens: usize,
-    /// End of the last read, to detect sequential access.
-    last_read_end: u64,
+    /// Furthest end of the reads of the current sequential run.
+    read_end: u64,
+    /// Reads in the current sequential run, and its read-ahead window.
+    read_streak: u32,
+    read_window: u64,
     /// Bumped by every change to the extents, buffer or size.
     version: u64,
     /// A layout commit that failed without a definite answer, and the
@@ -146,7 +157,9 @@ impl FileState {
             mtime: None,
             opens: 0,
             written: false,
-            last_read_end: 0,
+            read_end: 0,
+            read_streak: 0,
+            read_window: 0,
             version: 0,
             unresolved: None,
         }
@@ -169,10 +182,46 @@ pub struct Fs {
     /// Where files were last seen (directory, name), so a content change
     /// tells the change feed its path.
     names: Mutex<HashMap<u64, (u64, Bytes)>>,
+    /// Chunks kept on local disk across remounts (`--disk-cache-dir`).
+    disk: std::sync::OnceLock<Arc<DiskCache>>,
+    /// The version of each file whose bytes the kernel may hold in its
+    /// page cache (a fingerprint of the layout the last open served): an
+    /// open of the same version lets the kernel keep those pages.
+    kernel_versions: Mutex<HashMap<u64, u64>>,
+    readahead_max: u64,
+}
+
+/// Most files whose kernel-cached version a mount remembers; past it the
+/// table starts over (opens then drop the kernel's pages once).
+const MAX_KERNEL_VERSIONS: usize = 262_144;
+
+/// What an open tells the kernel about its cached pages of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelCache {
+    /// The file is the version the kernel cached: keep its pages.
+    Keep,
+    /// A version the kernel has not cached before: drop any pages.
+    Fresh,
+    /// The file changed since the kernel cached it: drop its pages and
+    /// its cached attributes (size) too.
+    Changed,
 }
 
 /// Most inodes whose names a client remembers for the change feed.
 const MAX_NAMES: usize = 65_536;
+
+/// A fingerprint of a file version: its size and layout.
+fn layout_version(size: u64, extents: &[Extent]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&size.to_le_bytes());
+    for e in extents {
+        h.update(&e.offset.to_le_bytes());
+        h.update(&e.length.to_le_bytes());
+        h.update(&e.chunk_offset.to_le_bytes());
+        h.update(&e.chunk_id);
+    }
+    h.digest()
+}
 
 /// A chunk fetch that several readers (and readahead) can await.
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Bytes, String>>>;
@@ -194,6 +243,9 @@ impl Fs {
             keep_tags: std::sync::atomic::AtomicBool::new(false),
             views: std::sync::OnceLock::new(),
             names: Mutex::new(HashMap::new()),
+            disk: std::sync::OnceLock::new(),
+            kernel_versions: Mutex::new(HashMap::new()),
+            readahead_max: (cache_bytes as u64 / 4).clamp(READAHEAD_MIN, READAHEAD_MAX),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -241,6 +293,11 @@ impl Fs {
         if let (Some(v), true) = (self.views(), views::is_virtual(ino)) {
             v.forget(ino, n);
         }
+    }
+
+    /// Keeps fetched chunks in `cache` too (once).
+    pub fn enable_disk_cache(&self, cache: DiskCache) {
+        let _ = self.disk.set(Arc::new(cache));
     }
 
     /// Offers tag views under `views.dir_name` at the root (once).
@@ -692,6 +749,32 @@ impl Fs {
         self.open_with(ino, None).await
     }
 
+    /// Opens a file for the kernel: also says whether the kernel may keep
+    /// the pages it cached of the file (the same version as now).
+    pub async fn open_cached(&self, ino: u64) -> Result<(u64, KernelCache)> {
+        let fh = self.open(ino).await?;
+        if views::is_virtual(fh) {
+            return Ok((fh, KernelCache::Keep));
+        }
+        let st = self.handle(fh)?;
+        let st = st.lock().await;
+        if st.modified {
+            // The kernel's pages already hold this client's own writes.
+            return Ok((fh, KernelCache::Keep));
+        }
+        let version = layout_version(st.size, &st.extents);
+        let mut known = lock(&self.kernel_versions);
+        if known.len() >= MAX_KERNEL_VERSIONS && !known.contains_key(&st.ino) {
+            known.clear();
+        }
+        let verdict = match known.insert(st.ino, version) {
+            Some(v) if v == version => KernelCache::Keep,
+            Some(_) => KernelCache::Changed,
+            None => KernelCache::Fresh,
+        };
+        Ok((fh, verdict))
+    }
+
     /// Creates a regular file and opens it, without asking for the layout
     /// of a file that was just created empty.
     pub async fn create_open(
@@ -871,10 +954,7 @@ impl Fs {
                         (e.clone(), locs)
                     })
                     .collect();
-                if offset == st.last_read_end {
-                    self.readahead(&st, end);
-                }
-                st.last_read_end = end;
+                self.note_read(&mut st, offset, end);
                 (st.version, end, wanted)
             };
             let fetched =
@@ -885,6 +965,23 @@ impl Fs {
                     Ok::<_, ClientError>((id, self.fetch(id, locs.clone()).await?))
                 }))
                 .await?;
+            // The common case: one chunk holds the whole range and nothing
+            // is buffered over it; hand out a slice of it, no copy.
+            if let ([(e, _)], [(_, data)]) = (&wanted[..], &fetched[..]) {
+                let from = e.chunk_offset + (offset - e.offset);
+                let to = from + (end - offset);
+                let st = handle.lock().await;
+                if e.offset <= offset
+                    && layout::extent_end(e) >= end
+                    && to <= data.len() as u64
+                    && st.dirty.is_empty()
+                {
+                    if st.version != version {
+                        continue;
+                    }
+                    return Ok(data.slice(from as usize..to as usize));
+                }
+            }
             let mut buf = BytesMut::zeroed((end - offset) as usize);
             for ((e, _), (id, data)) in wanted.iter().zip(fetched) {
                 let s = e.offset.max(offset);
@@ -936,8 +1033,28 @@ impl Fs {
             self.cache.clone(),
             self.inflight.clone(),
         );
+        let disk = self.disk.get().cloned();
         let fut = async move {
-            let r = cluster.get_chunk(id, &locations).await;
+            let mut r = None;
+            if let Some(d) = disk.clone() {
+                if let Ok(Some(data)) = tokio::task::spawn_blocking(move || d.get(&id)).await {
+                    crate::metrics::disk_cache_hit();
+                    r = Some(Ok(data));
+                }
+            }
+            let r = match r {
+                Some(r) => r,
+                None => {
+                    let r = cluster.get_chunk(id, &locations).await;
+                    if let (Ok(data), Some(d)) = (&r, disk) {
+                        let data = data.clone();
+                        // Written behind the reader: a slow disk does not
+                        // hold up the read.
+                        tokio::task::spawn_blocking(move || d.put(&id, &data));
+                    }
+                    r
+                }
+            };
             if let Ok(d) = &r {
                 lock(&cache).insert(id, d.clone());
             }
@@ -950,23 +1067,44 @@ impl Fs {
         fut
     }
 
-    /// Starts fetching the chunks after `from` into the cache.
-    fn readahead(&self, st: &FileState, from: u64) {
+    /// Tracks sequential access and reads ahead of a sequential reader
+    /// with a window that doubles while the run lasts. A read far from the
+    /// last (a tag reader seeking to the end) starts over without any.
+    fn note_read(&self, st: &mut FileState, offset: u64, end: u64) {
+        if offset.abs_diff(st.read_end) <= SEQUENTIAL_SLACK {
+            st.read_streak = st.read_streak.saturating_add(1);
+            st.read_end = st.read_end.max(end);
+        } else {
+            st.read_streak = 1;
+            st.read_window = 0;
+            st.read_end = end;
+        }
+        // The second sequential read starts read-ahead: one read at the
+        // start of a file (a tag reader) fetches only what it needs.
+        if st.read_streak >= 2 {
+            st.read_window = (st.read_window * 2).clamp(READAHEAD_MIN, self.readahead_max);
+            self.readahead(st, st.read_end, st.read_window);
+        }
+    }
+
+    /// Starts fetching the chunks in `[from, from + window)` into the cache.
+    fn readahead(&self, st: &FileState, from: u64, window: u64) {
         let mut next: Vec<ChunkId> = Vec::new();
-        for e in st.extents.iter().filter(|e| layout::extent_end(e) > from) {
+        for e in st
+            .extents
+            .iter()
+            .filter(|e| layout::extent_end(e) > from)
+            .take_while(|e| e.offset < from + window)
+        {
             let Some(id) = layout::extent_chunk(e) else {
                 continue;
             };
-            if next.contains(&id) {
-                continue;
-            }
-            next.push(id);
-            if next.len() >= READAHEAD_CHUNKS {
-                break;
+            if !next.contains(&id) {
+                next.push(id);
             }
         }
         for id in next {
-            if lock(&self.cache).get(&id).is_some() || lock(&self.inflight).contains_key(&id) {
+            if lock(&self.cache).contains(&id) || lock(&self.inflight).contains_key(&id) {
                 continue;
             }
             let f = self.fetch_shared(id, st.locations.get(&id).cloned().unwrap_or_default());

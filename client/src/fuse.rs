@@ -7,22 +7,23 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags as FuseRenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags as FuseRenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use proto::meta::{Attr, FileKind, SetAttrFields, Timespec};
 use tokio::runtime::Handle;
 
 use crate::error::ClientError;
-use crate::fs::{Fs, RenameFlags};
+use crate::fs::{Fs, KernelCache, RenameFlags};
 
-/// How long the kernel may cache attributes and entries (docs/SEMANTICS.md).
+/// How long the kernel may cache attributes and entries by default
+/// (docs/SEMANTICS.md; `musicfs mount --attr-timeout-ms`).
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 const DIR_PAGE: u32 = 1024;
 const BLOCK: u64 = 4096;
@@ -59,6 +60,11 @@ pub struct MusicFuse {
     rt: Handle,
     dirs: Arc<Mutex<HashMap<u64, DirListing>>>,
     next_dir: AtomicU64,
+    ttl: Duration,
+    direct_io: bool,
+    /// Set once the session is up: invalidates what the kernel caches of
+    /// a file another client changed.
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl MusicFuse {
@@ -68,7 +74,27 @@ impl MusicFuse {
             rt,
             dirs: Arc::new(Mutex::new(HashMap::new())),
             next_dir: AtomicU64::new(1),
+            ttl: ATTR_TTL,
+            direct_io: false,
+            notifier: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// How long the kernel may cache attributes and entries.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Whether reads bypass the kernel's page cache.
+    pub fn with_direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
+        self
+    }
+
+    /// Where the mount puts the session's notifier once it is up.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     fn spawn<F>(&self, op: &'static str, f: F)
@@ -170,6 +196,10 @@ fn time_or_now(t: TimeOrNow) -> Timespec {
 impl Filesystem for MusicFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Enough read-ahead requests in flight to keep several chunk
+        // fetches going (the kernel's default is 12).
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
@@ -177,10 +207,11 @@ impl Filesystem for MusicFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ttl = self.ttl;
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         self.spawn("lookup", async move {
             match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
             }
         });
@@ -191,10 +222,11 @@ impl Filesystem for MusicFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
         let fs = self.fs.clone();
         self.spawn("getattr", async move {
             match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("getattr", &e)),
             }
         });
@@ -218,6 +250,7 @@ impl Filesystem for MusicFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let ttl = self.ttl;
         let fs = self.fs.clone();
         let (caller_uid, caller_gid, pid) = (req.uid(), req.gid(), req.pid());
         let mut fields = SetAttrFields {
@@ -245,7 +278,7 @@ impl Filesystem for MusicFuse {
                 }
             }
             match fs.setattr(ino.0, fields).await {
-                Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
             }
         });
@@ -271,6 +304,7 @@ impl Filesystem for MusicFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let ttl = self.ttl;
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("mknod", async move {
@@ -279,7 +313,7 @@ impl Filesystem for MusicFuse {
                 .create(parent.0, &name, kind, mode & 0o7777, uid, gid, rdev, b"")
                 .await
             {
-                Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mknod", &e)),
             }
         });
@@ -294,6 +328,7 @@ impl Filesystem for MusicFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let ttl = self.ttl;
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("mkdir", async move {
@@ -310,7 +345,7 @@ impl Filesystem for MusicFuse {
                 )
                 .await
             {
-                Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
         });
@@ -344,6 +379,7 @@ impl Filesystem for MusicFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let ttl = self.ttl;
         let fs = self.fs.clone();
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
@@ -362,7 +398,7 @@ impl Filesystem for MusicFuse {
                 )
                 .await
             {
-                Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("symlink", &e)),
             }
         });
@@ -408,10 +444,11 @@ impl Filesystem for MusicFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let ttl = self.ttl;
         let (fs, newname) = (self.fs.clone(), newname.as_bytes().to_vec());
         self.spawn("link", async move {
             match fs.link(ino.0, newparent.0, &newname).await {
-                Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("link", &e)),
             }
         });
@@ -423,10 +460,30 @@ impl Filesystem for MusicFuse {
             reply.error(Errno::from_i32(libc::EROFS));
             return;
         }
-        let fs = self.fs.clone();
+        let (fs, notifier) = (self.fs.clone(), self.notifier.clone());
+        let direct_io = self.direct_io;
         self.spawn("open", async move {
-            match fs.open(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            match fs.open_cached(ino.0).await {
+                Ok((fh, cache)) => {
+                    if cache == KernelCache::Changed {
+                        // Another client changed the file: the size the
+                        // kernel caches is stale too (its pages go, as the
+                        // reply does not keep them).
+                        if let Some(n) = notifier.get() {
+                            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                                tracing::debug!(ino = ino.0, error = %e, "attribute invalidation failed");
+                            }
+                        }
+                    }
+                    let flags = if direct_io {
+                        FopenFlags::FOPEN_DIRECT_IO
+                    } else if cache == KernelCache::Keep {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), flags)
+                }
                 Err(e) => reply.error(errno("open", &e)),
             }
         });
@@ -577,6 +634,7 @@ impl Filesystem for MusicFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let ttl = self.ttl;
         let (fs, dirs) = (self.fs.clone(), self.dirs.clone());
         self.spawn("readdirplus", async move {
             if let Err(e) = fill_listing(&fs, &dirs, fh.0, ino.0, offset, true).await {
@@ -595,7 +653,7 @@ impl Filesystem for MusicFuse {
                     INodeNo(*ino),
                     (l.base + i) as u64 + 1,
                     OsStr::from_bytes(name),
-                    &ATTR_TTL,
+                    &ttl,
                     &file_attr(a),
                     Generation(0),
                 ) {
@@ -707,6 +765,7 @@ impl Filesystem for MusicFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let ttl = self.ttl;
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("create", async move {
@@ -716,7 +775,7 @@ impl Filesystem for MusicFuse {
                 .await;
             match res {
                 Ok((a, fh)) => reply.created(
-                    &ATTR_TTL,
+                    &ttl,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),

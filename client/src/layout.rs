@@ -245,6 +245,11 @@ impl ChunkCache {
     pub fn used(&self) -> usize {
         self.used
     }
+
+    /// Whether `id` is cached (without counting as a use).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.map.contains_key(id)
+    }
 }
 
 #[cfg(test)]

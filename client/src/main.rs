@@ -181,6 +181,29 @@ enum Cmd {
         /// Seconds an operation retries before it fails with EIO.
         #[arg(long, default_value_t = 30)]
         deadline_secs: u64,
+        /// Milliseconds a metadata call may go unanswered before the next
+        /// node is tried.
+        #[arg(long, default_value_t = 3000)]
+        attempt_timeout_ms: u64,
+        /// Milliseconds the kernel caches attributes and names. Longer
+        /// makes repeated stats cheaper; other clients' changes to
+        /// attributes show after at most this long (an open always sees
+        /// the newest content).
+        #[arg(long, default_value_t = 1000)]
+        attr_timeout_ms: u64,
+        /// Keep read chunks in this directory too (survives remounts).
+        #[arg(long)]
+        disk_cache_dir: Option<PathBuf>,
+        /// Size limit of the on-disk cache in MiB.
+        #[arg(long, default_value_t = 10240, requires = "disk_cache_dir")]
+        disk_cache_mib: u64,
+        /// The kernel's read-ahead for the mount in KiB (0: the kernel's default).
+        #[arg(long, default_value_t = musicfs_client::admin::DEFAULT_READ_AHEAD_KIB)]
+        read_ahead_kib: u32,
+        /// Bypass the kernel's page cache: every read goes to the client
+        /// (slower for re-reads; see docs/BENCHMARKS.md).
+        #[arg(long)]
+        direct_io: bool,
         /// Serve Prometheus metrics at http://HOST:PORT/metrics.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
@@ -1138,6 +1161,12 @@ async fn run(cli: Cli) -> Result<()> {
             cache_mib,
             allow_other,
             deadline_secs,
+            attempt_timeout_ms,
+            attr_timeout_ms,
+            disk_cache_dir,
+            disk_cache_mib,
+            read_ahead_kib,
+            direct_io,
             metrics_listen,
             views,
         } => {
@@ -1146,14 +1175,29 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(addr) = metrics_listen {
                 musicfs_client::metrics::serve(addr).map_err(anyhow::Error::msg)?;
             }
-            let c = connect(&cluster, Duration::from_secs(deadline_secs))
+            if attempt_timeout_ms == 0 {
+                bail!("--attempt-timeout-ms must be above 0");
+            }
+            let mut cfg = ClusterConfig::new(parse_seeds(&cluster)?);
+            cfg.deadline = Duration::from_secs(deadline_secs);
+            cfg.attempt_timeout = Duration::from_millis(attempt_timeout_ms);
+            let c = Cluster::connect(cfg)
                 .await
                 .with_context(|| format!("cannot reach the cluster at {cluster}"))?;
+            let opts = admin::MountOptions {
+                cache_bytes: cache_mib << 20,
+                allow_other,
+                views,
+                attr_timeout: Duration::from_millis(attr_timeout_ms),
+                disk_cache: disk_cache_dir.map(|d| (d, disk_cache_mib << 20)),
+                read_ahead_kib,
+                direct_io,
+            };
             eprintln!(
                 "mounted MusicFS at {} (Ctrl-C to unmount)",
                 mountpoint.display()
             );
-            admin::mount_until_signal(c, &mountpoint, cache_mib << 20, allow_other, views).await?;
+            admin::mount_until_signal(c, &mountpoint, opts).await?;
         }
         Cmd::Dev { dir, base_port } => dev(&dir, base_port).await?,
         Cmd::Ls {
@@ -1596,7 +1640,12 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let views = Some(musicfs_client::views::Views::defaults(".views"));
-    let res = admin::mount_until_signal(cluster, &mnt, 256 << 20, root, views).await;
+    let opts = admin::MountOptions {
+        allow_other: root,
+        views,
+        ..Default::default()
+    };
+    let res = admin::mount_until_signal(cluster, &mnt, opts).await;
     drop(nodes);
     res?;
     Ok(())

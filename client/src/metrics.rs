@@ -9,6 +9,9 @@ pub const CACHE_HITS: &str = "musicfs_client_chunk_cache_hits_total";
 pub const CACHE_MISSES: &str = "musicfs_client_chunk_cache_misses_total";
 pub const PREFETCHED: &str = "musicfs_client_prefetched_chunks_total";
 pub const RETRIES: &str = "musicfs_client_retries_total";
+pub const HEDGED: &str = "musicfs_client_hedged_reads_total";
+pub const DISK_CACHE_HITS: &str = "musicfs_client_disk_cache_hits_total";
+pub const DISK_CACHE_BYTES: &str = "musicfs_client_disk_cache_bytes";
 
 /// Serves every metric recorded in this process over HTTP at `addr`.
 pub fn serve(addr: std::net::SocketAddr) -> Result<(), String> {
@@ -57,6 +60,21 @@ pub fn chunk_cache(hit: bool) {
 
 pub fn prefetched() {
     metrics::counter!(PREFETCHED).increment(1);
+}
+
+/// A chunk read that asked a second replica because the first was slow.
+pub fn hedged() {
+    metrics::counter!(HEDGED).increment(1);
+}
+
+/// A chunk served from the on-disk cache.
+pub fn disk_cache_hit() {
+    metrics::counter!(DISK_CACHE_HITS).increment(1);
+}
+
+/// Bytes the on-disk cache holds.
+pub fn disk_cache_bytes(bytes: u64) {
+    metrics::gauge!(DISK_CACHE_BYTES).set(bytes as f64);
 }
 
 /// A call tried again: `reason` is `not_leader`, `unavailable`, `busy`,

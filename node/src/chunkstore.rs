@@ -217,8 +217,15 @@ impl ChunkStore {
                 path: path.display().to_string(),
             });
         }
-        let mut data = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut data, 0).map_err(io_err(&path))?;
+        // Read into spare capacity: no zeroing of a buffer about to be filled.
+        let mut data = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut io::Read::take(&f, len), &mut data).map_err(io_err(&path))?;
+        if data.len() as u64 != len {
+            return Err(io_err(&path)(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "chunk file shorter than its length",
+            )));
+        }
         if !id.verify(&data) {
             return Err(ChunkError::Corrupt {
                 id: *id,

@@ -353,6 +353,7 @@ pub async fn run(
         .layer(crate::metrics::RpcLayer)
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(proto::MAX_FRAME_BYTES)
         // Raft messages only from nodes: a client certificate must not
         // be able to append to or vote in a group.
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -14,6 +14,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// would stall each multi-MiB chunk transfer on window updates.
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame a peer may send (the protocol's default is 16 KiB,
+/// which cuts a 4 MiB chunk into 256 frames).
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Longest file name in bytes, as on Linux.
 pub const MAX_NAME_LEN: usize = 255;

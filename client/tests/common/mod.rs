@@ -73,6 +73,9 @@ pub struct Node {
     pub args: Vec<String>,
     /// Extra environment for the next start (e.g. FAILPOINTS).
     pub env: Vec<(String, String)>,
+    /// A cgroup (v2) the node runs in, so iptables can drop every packet
+    /// it sends (see [`TestCluster::partition`]).
+    pub cgroup: Option<PathBuf>,
 }
 
 pub struct TestCluster {
@@ -134,6 +137,7 @@ impl TestCluster {
                 child: None,
                 args: extra.iter().map(|s| s.to_string()).collect(),
                 env: Vec::new(),
+                cgroup: None,
             });
         }
         TestCluster { dir, nodes }
@@ -168,6 +172,7 @@ impl TestCluster {
             child: None,
             args: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            cgroup: None,
         });
         let i = self.nodes.len() - 1;
         self.spawn(i);
@@ -198,7 +203,21 @@ impl TestCluster {
             .append(true)
             .open(self.dir.path().join(format!("node{}.log", n.id)))
             .expect("log file");
-        let child = Command::new(bin_dir().join("musicfs-node"))
+        let node_bin = bin_dir().join("musicfs-node");
+        let mut cmd = match &n.cgroup {
+            // The node joins its cgroup before it opens any socket (a
+            // socket belongs to the cgroup it was made in).
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(cg.join("cgroup.procs"))
+                    .arg(&node_bin);
+                c
+            }
+            None => Command::new(&node_bin),
+        };
+        let child = cmd
             .args(["--id", &n.id.to_string(), "--listen", &n.addr, "--data"])
             .arg(&n.data)
             .args(&n.args)
@@ -381,10 +400,128 @@ impl TestCluster {
     }
 }
 
+/// Where the cgroup v2 hierarchy is mounted.
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 hierarchy (partition tests drop a node's packets by its cgroup)")
+}
+
+fn iptables(args: &[String]) -> Result<(), String> {
+    let out = Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("iptables: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A node cut off from everyone: iptables drops every packet to its port
+/// and every packet its process sends (matched by its cgroup). Dropping
+/// the guard heals the partition.
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Partition {
+    pub fn heal(&mut self) {
+        for r in self.rules.drain(..) {
+            let mut del = r.clone();
+            del[0] = "-D".into();
+            if let Err(e) = iptables(&del) {
+                eprintln!("healing a partition: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.heal();
+    }
+}
+
+impl TestCluster {
+    /// Starts `n` nodes, each in a cgroup of its own, so that
+    /// [`Self::partition`] can cut any of them off (needs root and
+    /// iptables).
+    pub async fn start_partitionable(n: usize, extra: &[&str]) -> TestCluster {
+        let mut c = Self::layout(n, extra);
+        let root = cgroup2_root();
+        for node in &mut c.nodes {
+            let cg = root.join(format!(
+                "musicfs-test-{}-{}-node{}",
+                std::process::id(),
+                c.dir
+                    .path()
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .unwrap_or("x"),
+                node.id
+            ));
+            std::fs::create_dir_all(&cg)
+                .unwrap_or_else(|e| panic!("create cgroup {}: {e}", cg.display()));
+            node.cgroup = Some(cg);
+        }
+        c.launch().await
+    }
+
+    /// Cuts node `i` off from clients and the other nodes.
+    pub fn partition(&self, i: usize) -> Partition {
+        let n = &self.nodes[i];
+        let cg = n
+            .cgroup
+            .as_ref()
+            .expect("a node started by start_partitionable");
+        let root = cgroup2_root();
+        let rel = cg.strip_prefix(&root).expect("cgroup under the root");
+        let port = n.addr.rsplit_once(':').expect("HOST:PORT").1.to_string();
+        let rules: Vec<Vec<String>> = vec![
+            ["-I", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"]
+                .map(String::from)
+                .to_vec(),
+            vec![
+                "-I".into(),
+                "OUTPUT".into(),
+                "-m".into(),
+                "cgroup".into(),
+                "--path".into(),
+                rel.display().to_string(),
+                "-j".into(),
+                "DROP".into(),
+            ],
+        ];
+        let mut p = Partition { rules: Vec::new() };
+        for r in rules {
+            iptables(&r).unwrap_or_else(|e| panic!("partition node {}: {e}", n.id));
+            p.rules.push(r);
+        }
+        p
+    }
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        for n in &self.nodes {
+            if let Some(cg) = &n.cgroup {
+                let _ = std::fs::remove_dir(cg);
+            }
         }
         // For a failure to study after the run: MUSICFS_TEST_LOGS=DIR keeps
         // every node's log (with MUSICFS_TEST_LOG setting their filter).
