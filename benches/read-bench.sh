@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
-KILL_MIB=${2:-2048}
+KILL_MIB=${2:-4096}
 OUT=${OUT:-docs/read-during-kill.csv}
 . benches/lib/cluster.sh
 start_cluster 16

@@ -36,26 +36,29 @@ def restart():
         f.write(str(proc.pid))
     events.append((time.monotonic() - start, "node 1 restarted"))
 
-def kill_leader():
-    for _ in range(100):
+leader = []
+stop = threading.Event()
+
+def follow_leader():
+    """Keeps asking the cluster which node leads the file's group, so the
+    kill hits the leader of that moment (a status call takes a moment)."""
+    while not stop.is_set():
         out = subprocess.run([a.musicfs, "status", "--cluster", a.seeds, "--json"],
                              capture_output=True, text=True).stdout
         try:
             v = json.loads(out)
+            l = next((g["leader"] for g in v["groups"] if g["id"] == a.group), None)
+            if l in pids:
+                leader[:] = [l]
         except ValueError:
-            time.sleep(0.1); continue
-        leader = next((g["leader"] for g in v["groups"] if g["id"] == a.group), None)
-        if leader and leader in pids:
-            kill(leader, f"leader of group {a.group}")
-            return
-        time.sleep(0.1)
-    print("no leader found to kill", file=sys.stderr)
+            pass
+        time.sleep(0.2)
 
 h = hashlib.md5()
 rows = []
 done = 0
 last_t, last_done = 0.0, 0
-node_killed = restarted = leader_killed = False
+node_killed = restarted = asked = leader_killed = False
 with open(a.file, "rb", buffering=0) as f:
     while True:
         b = f.read(1 << 20)
@@ -69,13 +72,18 @@ with open(a.file, "rb", buffering=0) as f:
         if not restarted and done >= a.restart_at * size:
             restarted = True
             restart()
-        if not leader_killed and done >= a.kill_leader_at * size:
+        if not asked and done >= a.restart_at * size:
+            asked = True
+            threading.Thread(target=follow_leader, daemon=True).start()
+        if not leader_killed and leader and done >= a.kill_leader_at * size:
             leader_killed = True
-            threading.Thread(target=kill_leader, daemon=True).start()
+            stop.set()
+            kill(leader[0], f"leader of group {a.group}")
         t = time.monotonic() - start
         if t - last_t >= 0.1:
             rows.append((t, (done - last_done) / (1 << 20) / (t - last_t)))
             last_t, last_done = t, done
+stop.set()
 t = time.monotonic() - start
 if t > last_t:
     rows.append((t, (done - last_done) / (1 << 20) / (t - last_t)))

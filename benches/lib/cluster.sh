@@ -42,7 +42,8 @@ start_cluster() {
 }
 start_mount() {
   mkdir -p "$work/mnt"
-  "$BIN/musicfs" mount --cluster "$seeds" "$work/mnt" 2>>"$work/mount.log" &
+  # MOUNT_FLAGS go to `musicfs mount`.
+  "$BIN/musicfs" mount --cluster "$seeds" ${MOUNT_FLAGS:-} "$work/mnt" 2>>"$work/mount.log" &
   mount_pid=$!
   for _ in $(seq 1 200); do mountpoint -q "$work/mnt" && return; sleep 0.1; done
   echo "mount did not appear" >&2; exit 1

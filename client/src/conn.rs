@@ -394,14 +394,18 @@ impl Cluster {
     /// `attempt`-th peer.
     fn target(&self, group: u32, attempt: usize) -> Option<(u64, String)> {
         let peers = self.peers();
-        if let Some(l) = self
+        let cached = self
             .leaders
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&group)
-        {
-            if let Some(a) = peers.get(l) {
-                return Some((*l, a.clone()));
+            .copied();
+        // A cached leader that just failed another call (of any group) is
+        // skipped: a partitioned node would make every group it led wait
+        // out a timeout of its own.
+        if let Some(l) = cached.filter(|l| !self.is_suspect(*l)) {
+            if let Some(a) = peers.get(&l) {
+                return Some((l, a.clone()));
             }
         }
         let n = peers.len();
@@ -493,7 +497,13 @@ impl Cluster {
                     Some(e) if e.code() == ErrorCode::NotLeader => {
                         reason = "not_leader";
                         last = format!("node {node} ({addr}): {e}");
-                        hinted = e.leader_id != 0 && e.leader_id != node;
+                        // A hint naming a node that just failed us is
+                        // likely stale (a leader cut off by a partition
+                        // that the others have not yet replaced): look
+                        // among the others until one is elected.
+                        hinted = e.leader_id != 0
+                            && e.leader_id != node
+                            && !self.is_suspect(e.leader_id);
                         self.set_leader(group, Some(e.leader_id).filter(|_| hinted));
                         if !hinted {
                             // No leader known there: try another node next.

@@ -876,7 +876,10 @@ impl Fs {
         self.state_of(ino, r).await
     }
 
-    /// The state of a file whose committed layout `r` answered.
+    /// The state of a file whose committed layout `r` answered. Chunk
+    /// locations are not asked for: a read tries the nodes each chunk's
+    /// placement prefers, where the writer put it, and moves on to the
+    /// others if a repair moved it (one round trip less per open).
     async fn state_of(&self, ino: u64, r: QueryResult) -> Result<FileState> {
         let attr = Self::attr_of(r.attr)?;
         if attr.kind == FileKind::Directory as i32 {
@@ -885,13 +888,7 @@ impl Fs {
                 format!("inode {ino}"),
             ));
         }
-        let ids: BTreeSet<ChunkId> = r.extents.iter().filter_map(layout::extent_chunk).collect();
-        let (infos, _) = self.chunk_info(ids.into_iter().collect()).await?;
-        let locations = infos
-            .into_iter()
-            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
-            .collect();
-        Ok(FileState::new(attr, r.extents, locations))
+        Ok(FileState::new(attr, r.extents, HashMap::new()))
     }
 
     /// Chunk-index entries, asked of each chunk's shard in batches, and
@@ -1708,7 +1705,12 @@ impl Fs {
     pub async fn chunk_locations(&self, path: &str) -> Result<Vec<(ChunkId, Vec<u64>)>> {
         let attr = self.resolve(path).await?;
         let st = self.load(attr.ino).await?;
-        let mut v: Vec<(ChunkId, Vec<u64>)> = st.locations.into_iter().collect();
+        let ids: BTreeSet<ChunkId> = st.extents.iter().filter_map(layout::extent_chunk).collect();
+        let (infos, _) = self.chunk_info(ids.into_iter().collect()).await?;
+        let mut v: Vec<(ChunkId, Vec<u64>)> = infos
+            .into_iter()
+            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
+            .collect();
         v.sort();
         Ok(v)
     }

@@ -18,6 +18,9 @@ fn timed<T>(what: &str, f: impl FnOnce() -> std::io::Result<T>) -> (T, Duration)
     let start = Instant::now();
     let v = f().unwrap_or_else(|e| panic!("{what}: {e}"));
     let took = start.elapsed();
+    if took > Duration::from_secs(1) {
+        eprintln!("{what}: {took:?}");
+    }
     assert!(
         took < Duration::from_secs(DEADLINE_SECS),
         "{what} took {took:?}, past the {DEADLINE_SECS} s deadline"
