@@ -84,9 +84,9 @@ with open(a.file, "rb", buffering=0) as f:
             rows.append((t, (done - last_done) / (1 << 20) / (t - last_t)))
             last_t, last_done = t, done
 stop.set()
-t = time.monotonic() - start
-if t > last_t:
-    rows.append((t, (done - last_done) / (1 << 20) / (t - last_t)))
+total = time.monotonic() - start
+if total > last_t:
+    rows.append((total, (done - last_done) / (1 << 20) / (total - last_t)))
 if done != size or h.hexdigest() != a.md5:
     sys.exit(f"read {done} of {size} bytes, md5 {h.hexdigest()} (want {a.md5})")
 with open(a.out, "w") as o:
@@ -96,5 +96,5 @@ with open(a.out, "w") as o:
     for t, e in events:
         o.write(f"{t:.2f},,{e}\n")
 slow = min(r for _, r in rows)
-print(f"read {size >> 20} MiB in {t:.1f} s ({size / (1 << 20) / t:.0f} MiB/s average), "
+print(f"read {size >> 20} MiB in {total:.1f} s ({size / (1 << 20) / total:.0f} MiB/s average), "
       f"slowest 100 ms: {slow:.0f} MiB/s; events: " + "; ".join(f"{e} at {s:.1f} s" for s, e in events))

@@ -200,10 +200,11 @@ const MAX_KERNEL_VERSIONS: usize = 262_144;
 pub enum KernelCache {
     /// The file is the version the kernel cached: keep its pages.
     Keep,
-    /// A version the kernel has not cached before: drop any pages.
+    /// A version this mount has not opened before: drop any pages and
+    /// cached attributes.
     Fresh,
-    /// The file changed since the kernel cached it: drop its pages and
-    /// its cached attributes (size) too.
+    /// The file changed since this mount last opened it: drop its pages
+    /// and cached attributes.
     Changed,
 }
 

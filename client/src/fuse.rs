@@ -465,10 +465,13 @@ impl Filesystem for MusicFuse {
         self.spawn("open", async move {
             match fs.open_cached(ino.0).await {
                 Ok((fh, cache)) => {
-                    if cache == KernelCache::Changed {
-                        // Another client changed the file: the size the
-                        // kernel caches is stale too (its pages go, as the
-                        // reply does not keep them).
+                    if cache != KernelCache::Keep {
+                        // The kernel may hold attributes of an older
+                        // version (from this mount's last open, or a
+                        // lookup within the attribute timeout): its cached
+                        // size would cut reads short or run them past the
+                        // end. Its pages go too, as the reply does not
+                        // keep them.
                         if let Some(n) = notifier.get() {
                             if let Err(e) = n.inval_inode(ino, -1, 0) {
                                 tracing::debug!(ino = ino.0, error = %e, "attribute invalidation failed");

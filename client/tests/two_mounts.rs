@@ -180,3 +180,34 @@ fn walk_count(dir: &Path) -> usize {
     }
     n
 }
+
+/// A mount that caches attributes for a minute still reads a file in
+/// full after another client grew or shrank it: the open drops the size
+/// its kernel cached from an earlier lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_sees_the_new_size_despite_cached_attributes() {
+    let c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    let _a = Mount::new(&c.seeds(), &pa, 30).await;
+    let _b = Mount::with_args(&c.seeds(), &pb, 30, &["--attr-timeout-ms", "60000"]).await;
+    let mut gen = Gen(0x51e);
+    for (round, (first, second)) in [(100_000, 3 << 20), (3 << 20, 70_000)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("track{round}.mp3");
+        fs::write(pa.join(&name), gen.bytes(first)).expect("write on A");
+        // B learns the size by a lookup only (no open).
+        let m = fs::metadata(pb.join(&name)).expect("stat on B");
+        assert_eq!(m.len(), first as u64);
+        let v = gen.bytes(second);
+        fs::write(pa.join(&name), &v).expect("rewrite on A");
+        assert_same(
+            &read_all(&pb.join(&name)).expect("read on B"),
+            &v,
+            &format!("round {round}: B's open after A's close"),
+        );
+    }
+}
