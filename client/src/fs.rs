@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,11 @@ use crate::views::{self, Views};
 /// Bytes of unchunked writes an open file may hold before they are chunked
 /// and uploaded (not yet committed). Bounds memory per open file.
 pub const SPILL_BYTES: usize = 32 << 20;
+/// Bytes of unchunked writes all open files of a client may hold together:
+/// past it, a write spills its file's buffer from `MIN_SPILL_BYTES` on, so
+/// many files written at once do not add up to many times `SPILL_BYTES`.
+pub const CLIENT_DIRTY_BYTES: usize = 256 << 20;
+const MIN_SPILL_BYTES: usize = 4 << 20;
 /// Default size of the in-memory chunk cache of a mount.
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 /// Read-ahead window of a reader that just turned out sequential; it
@@ -131,6 +136,16 @@ struct FileState {
     /// same id, so if the first attempt did apply it does not apply again
     /// (over what other clients wrote since).
     unresolved: Option<(RequestId, CommitLayoutOp)>,
+    /// This file's share of the client's buffered bytes, as last counted
+    /// into `client_dirty`.
+    counted: usize,
+    client_dirty: Arc<AtomicUsize>,
+}
+
+impl Drop for FileState {
+    fn drop(&mut self) {
+        self.client_dirty.fetch_sub(self.counted, Ordering::Relaxed);
+    }
 }
 
 impl FileState {
@@ -141,7 +156,12 @@ impl FileState {
     }
 
     /// The state of a file whose committed layout is `extents`.
-    fn new(attr: Attr, extents: Vec<Extent>, locations: HashMap<ChunkId, Vec<u64>>) -> Self {
+    fn new(
+        attr: Attr,
+        extents: Vec<Extent>,
+        locations: HashMap<ChunkId, Vec<u64>>,
+        client_dirty: Arc<AtomicUsize>,
+    ) -> Self {
         FileState {
             ino: attr.ino,
             attr,
@@ -162,7 +182,26 @@ impl FileState {
             read_window: 0,
             version: 0,
             unresolved: None,
+            counted: 0,
+            client_dirty,
         }
+    }
+
+    /// Brings the client's count of buffered bytes up to date with this
+    /// file's buffer; returns the client's total.
+    fn count_dirty(&mut self) -> usize {
+        let now = self.dirty.bytes();
+        let total = if now >= self.counted {
+            self.client_dirty
+                .fetch_add(now - self.counted, Ordering::Relaxed)
+                + (now - self.counted)
+        } else {
+            self.client_dirty
+                .fetch_sub(self.counted - now, Ordering::Relaxed)
+                - (self.counted - now)
+        };
+        self.counted = now;
+        total
     }
 }
 
@@ -189,6 +228,8 @@ pub struct Fs {
     /// open of the same version lets the kernel keep those pages.
     kernel_versions: Mutex<HashMap<u64, u64>>,
     readahead_max: u64,
+    /// Bytes buffered by all open files (`CLIENT_DIRTY_BYTES`).
+    dirty_bytes: Arc<AtomicUsize>,
 }
 
 /// Most files whose kernel-cached version a mount remembers; past it the
@@ -247,6 +288,7 @@ impl Fs {
             disk: std::sync::OnceLock::new(),
             kernel_versions: Mutex::new(HashMap::new()),
             readahead_max: (cache_bytes as u64 / 4).clamp(READAHEAD_MIN, READAHEAD_MAX),
+            dirty_bytes: Arc::new(AtomicUsize::new(0)),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -273,6 +315,11 @@ impl Fs {
 
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// Bytes of writes all open files hold unchunked.
+    pub fn buffered_bytes(&self) -> usize {
+        self.dirty_bytes.load(Ordering::Relaxed)
     }
 
     /// Notes that `ino` is called `name` in `parent`.
@@ -429,6 +476,7 @@ impl Fs {
             let mut st = st.lock().await;
             layout::truncate(&mut st.extents, size);
             st.dirty.truncate(size);
+            st.count_dirty();
             st.size = size;
             st.version += 1;
         }
@@ -755,7 +803,8 @@ impl Fs {
     pub async fn open_cached(&self, ino: u64) -> Result<(u64, KernelCache)> {
         let fh = self.open(ino).await?;
         if views::is_virtual(fh) {
-            return Ok((fh, KernelCache::Keep));
+            // A view's cover: small, and its track may have changed.
+            return Ok((fh, KernelCache::Fresh));
         }
         let st = self.handle(fh)?;
         let st = st.lock().await;
@@ -764,11 +813,13 @@ impl Fs {
             return Ok((fh, KernelCache::Keep));
         }
         let version = layout_version(st.size, &st.extents);
+        // Keyed by the kernel's inode: a file seen through a tag view has
+        // pages of its own under its view inode.
         let mut known = lock(&self.kernel_versions);
-        if known.len() >= MAX_KERNEL_VERSIONS && !known.contains_key(&st.ino) {
+        if known.len() >= MAX_KERNEL_VERSIONS && !known.contains_key(&ino) {
             known.clear();
         }
-        let verdict = match known.insert(st.ino, version) {
+        let verdict = match known.insert(ino, version) {
             Some(v) if v == version => KernelCache::Keep,
             Some(_) => KernelCache::Changed,
             None => KernelCache::Fresh,
@@ -805,9 +856,12 @@ impl Fs {
                 Some(r) => Opening::New(Box::new(self.state_of(ino, r).await?)),
                 None => Opening::Share(st),
             },
-            (None, Some(attr)) => {
-                Opening::New(Box::new(FileState::new(attr, Vec::new(), HashMap::new())))
-            }
+            (None, Some(attr)) => Opening::New(Box::new(FileState::new(
+                attr,
+                Vec::new(),
+                HashMap::new(),
+                self.dirty_bytes.clone(),
+            ))),
             (None, None) => Opening::New(Box::new(self.load(ino).await?)),
         };
         let state = match opening {
@@ -889,7 +943,12 @@ impl Fs {
                 format!("inode {ino}"),
             ));
         }
-        Ok(FileState::new(attr, r.extents, HashMap::new()))
+        Ok(FileState::new(
+            attr,
+            r.extents,
+            HashMap::new(),
+            self.dirty_bytes.clone(),
+        ))
     }
 
     /// Chunk-index entries, asked of each chunk's shard in batches, and
@@ -1126,7 +1185,11 @@ impl Fs {
         st.modified = true;
         st.written = true;
         st.mtime = Some(Timespec::now());
-        if st.dirty.bytes() >= SPILL_BYTES {
+        let client_total = st.count_dirty();
+        let buffered = st.dirty.bytes();
+        if buffered >= SPILL_BYTES
+            || (client_total > CLIENT_DIRTY_BYTES && buffered >= MIN_SPILL_BYTES)
+        {
             self.spill(&mut st, false).await?;
         }
         Ok(data.len() as u32)
@@ -1148,6 +1211,7 @@ impl Fs {
                 st.dirty.write(*off, run);
             }
         }
+        st.count_dirty();
         res
     }
 
