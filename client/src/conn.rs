@@ -31,8 +31,9 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// Timeout of a single RPC (a chunk transfer).
     pub rpc_timeout: Duration,
-    /// How long one metadata call may go unanswered before the client
-    /// tries another node (a partitioned leader never answers).
+    /// How long one metadata query may go unanswered before the client
+    /// tries another node (a partitioned leader never answers). Commands
+    /// wait out `rpc_timeout`.
     pub attempt_timeout: Duration,
     /// Local address to connect from (default: the system's choice).
     pub local_address: Option<std::net::IpAddr>,
@@ -450,7 +451,13 @@ impl Cluster {
 
     /// Runs `call` against the leader of `group`, following leader hints and
     /// retrying transient failures until the deadline.
-    async fn with_leader<T, F, Fut>(&self, group: u32, what: &str, call: F) -> Result<T>
+    async fn with_leader<T, F, Fut>(
+        &self,
+        group: u32,
+        what: &str,
+        attempt_timeout: Duration,
+        call: F,
+    ) -> Result<T>
     where
         F: Fn(MetaServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
@@ -467,15 +474,13 @@ impl Cluster {
             };
             let mut hinted = false;
             let reason: &'static str;
-            let answer =
-                tokio::time::timeout(self.cfg.attempt_timeout, call(self.meta_client(&addr)?))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(tonic::Status::deadline_exceeded(format!(
-                            "no answer within {:?}",
-                            self.cfg.attempt_timeout
-                        )))
-                    });
+            let answer = tokio::time::timeout(attempt_timeout, call(self.meta_client(&addr)?))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer within {attempt_timeout:?}"
+                    )))
+                });
             match answer {
                 Ok(r) => match r.error() {
                     None => {
@@ -613,7 +618,11 @@ impl Cluster {
             }),
         };
         let res = self
-            .with_leader(group, "propose", |mut c| {
+            // A command may be slow to commit (a node's disk stalls) yet
+            // apply: sending it again sooner would race a second run of it
+            // (deduplicated, but cross-shard runs are costly); a command
+            // waits out the whole RPC timeout.
+            .with_leader(group, "propose", self.cfg.rpc_timeout, |mut c| {
                 let req = req.clone();
                 async move { c.propose(req).await.map(|r| r.into_inner()) }
             })
@@ -636,7 +645,7 @@ impl Cluster {
             group_id: group,
             query: Some(Query { q: Some(q) }),
         };
-        self.with_leader(group, "query", |mut c| {
+        self.with_leader(group, "query", self.cfg.attempt_timeout, |mut c| {
             let req = req.clone();
             async move { c.query(req).await.map(|r| r.into_inner()) }
         })

@@ -181,8 +181,8 @@ enum Cmd {
         /// Seconds an operation retries before it fails with EIO.
         #[arg(long, default_value_t = 30)]
         deadline_secs: u64,
-        /// Milliseconds a metadata call may go unanswered before the next
-        /// node is tried.
+        /// Milliseconds a metadata query (lookup, stat, readdir, open) may
+        /// go unanswered before the next node is tried.
         #[arg(long, default_value_t = 3000)]
         attempt_timeout_ms: u64,
         /// Milliseconds the kernel caches attributes and names. Longer
