@@ -52,7 +52,7 @@ def follow_leader():
                 leader[:] = [l]
         except ValueError:
             pass
-        time.sleep(0.2)
+        stop.wait(0.2)
 
 h = hashlib.md5()
 rows = []

@@ -236,19 +236,6 @@ pub struct Fs {
 /// table starts over (opens then drop the kernel's pages once).
 const MAX_KERNEL_VERSIONS: usize = 262_144;
 
-/// What an open tells the kernel about its cached pages of the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelCache {
-    /// The file is the version the kernel cached: keep its pages.
-    Keep,
-    /// A version this mount has not opened before: drop any pages and
-    /// cached attributes.
-    Fresh,
-    /// The file changed since this mount last opened it: drop its pages
-    /// and cached attributes.
-    Changed,
-}
-
 /// Most inodes whose names a client remembers for the change feed.
 const MAX_NAMES: usize = 65_536;
 
@@ -799,18 +786,19 @@ impl Fs {
     }
 
     /// Opens a file for the kernel: also says whether the kernel may keep
-    /// the pages it cached of the file (the same version as now).
-    pub async fn open_cached(&self, ino: u64) -> Result<(u64, KernelCache)> {
+    /// the pages and attributes it cached of the file (true when this
+    /// mount last opened the same version; otherwise both must go).
+    pub async fn open_cached(&self, ino: u64) -> Result<(u64, bool)> {
         let fh = self.open(ino).await?;
         if views::is_virtual(fh) {
             // A view's cover: small, and its track may have changed.
-            return Ok((fh, KernelCache::Fresh));
+            return Ok((fh, false));
         }
         let st = self.handle(fh)?;
         let st = st.lock().await;
         if st.modified {
             // The kernel's pages already hold this client's own writes.
-            return Ok((fh, KernelCache::Keep));
+            return Ok((fh, true));
         }
         let version = layout_version(st.size, &st.extents);
         // Keyed by the kernel's inode: a file seen through a tag view has
@@ -819,12 +807,8 @@ impl Fs {
         if known.len() >= MAX_KERNEL_VERSIONS && !known.contains_key(&ino) {
             known.clear();
         }
-        let verdict = match known.insert(ino, version) {
-            Some(v) if v == version => KernelCache::Keep,
-            Some(_) => KernelCache::Changed,
-            None => KernelCache::Fresh,
-        };
-        Ok((fh, verdict))
+        let keep = known.insert(ino, version) == Some(version);
+        Ok((fh, keep))
     }
 
     /// Creates a regular file and opens it, without asking for the layout
@@ -853,7 +837,7 @@ impl Fs {
         let opening = match (existing, created) {
             (Some(st), Some(_)) => Opening::Share(st),
             (Some(st), None) => match self.newer_layout(&st).await? {
-                Some(r) => Opening::New(Box::new(self.state_of(ino, r).await?)),
+                Some(r) => Opening::New(Box::new(self.state_of(ino, r)?)),
                 None => Opening::Share(st),
             },
             (None, Some(attr)) => Opening::New(Box::new(FileState::new(
@@ -928,14 +912,14 @@ impl Fs {
 
     async fn load(&self, ino: u64) -> Result<FileState> {
         let r = self.get_layout(ino).await?;
-        self.state_of(ino, r).await
+        self.state_of(ino, r)
     }
 
     /// The state of a file whose committed layout `r` answered. Chunk
     /// locations are not asked for: a read tries the nodes each chunk's
     /// placement prefers, where the writer put it, and moves on to the
     /// others if a repair moved it (one round trip less per open).
-    async fn state_of(&self, ino: u64, r: QueryResult) -> Result<FileState> {
+    fn state_of(&self, ino: u64, r: QueryResult) -> Result<FileState> {
         let attr = Self::attr_of(r.attr)?;
         if attr.kind == FileKind::Directory as i32 {
             return Err(ClientError::server(

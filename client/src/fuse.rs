@@ -20,7 +20,7 @@ use proto::meta::{Attr, FileKind, SetAttrFields, Timespec};
 use tokio::runtime::Handle;
 
 use crate::error::ClientError;
-use crate::fs::{Fs, KernelCache, RenameFlags};
+use crate::fs::{Fs, RenameFlags};
 
 /// How long the kernel may cache attributes and entries by default
 /// (docs/SEMANTICS.md; `musicfs mount --attr-timeout-ms`).
@@ -464,8 +464,8 @@ impl Filesystem for MusicFuse {
         let direct_io = self.direct_io;
         self.spawn("open", async move {
             match fs.open_cached(ino.0).await {
-                Ok((fh, cache)) => {
-                    if cache != KernelCache::Keep {
+                Ok((fh, keep)) => {
+                    if !keep {
                         // The kernel may hold attributes of an older
                         // version (from this mount's last open, or a
                         // lookup within the attribute timeout): its cached
@@ -480,7 +480,7 @@ impl Filesystem for MusicFuse {
                     }
                     let flags = if direct_io {
                         FopenFlags::FOPEN_DIRECT_IO
-                    } else if cache == KernelCache::Keep {
+                    } else if keep {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
                         FopenFlags::empty()
