@@ -97,7 +97,8 @@ impl<'a, G: Groups> Tx<'a, G> {
     }
 
     /// Prepares every group of `parts` in parallel; returns each group's
-    /// prepared attributes, or the first error (after aborting).
+    /// prepared attributes, or an error (after aborting): `Busy` if any
+    /// group said so, else the first.
     async fn prepare(&mut self, parts: Parts) -> Result<BTreeMap<u32, Vec<Attr>>, WireError> {
         for g in parts.keys() {
             if !self.touched.insert(*g) {
@@ -125,14 +126,24 @@ impl<'a, G: Groups> Tx<'a, G> {
         }))
         .await;
         let mut out = BTreeMap::new();
-        let mut first_err = None;
+        let mut first_err: Option<WireError> = None;
         for (g, r) in replies {
             match r {
                 Ok(r) => {
                     out.insert(g, r.prepared);
                 }
+                // A group that says Busy saw the namespace change since this
+                // run read it (or a lock): another group's refusal may be
+                // that same change, not an answer (a rename's source name
+                // replaced meanwhile leaves its inode gone: NotFound, though
+                // the name never was). The client retries and reads again.
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    if first_err
+                        .as_ref()
+                        .is_none_or(|f| f.code() != ErrorCode::Busy && e.code() == ErrorCode::Busy)
+                    {
+                        first_err = Some(e);
+                    }
                 }
             }
         }
@@ -246,13 +257,23 @@ pub async fn run<G: Groups>(
                     client_id: cmd.client_id,
                     request_seq: cmd.request_seq,
                 });
-                if let Ok(QueryResult {
-                    request_result: Some(r),
-                    ..
-                }) = groups.query(coord, q).await
-                {
-                    if r.error.is_none() {
-                        return r;
+                match groups.query(coord, q).await {
+                    Ok(QueryResult {
+                        request_result: Some(r),
+                        ..
+                    }) if r.error.is_none() => return r,
+                    Ok(_) => {}
+                    // Whether another run applied it is unknown: this
+                    // run's error may be the namespace that run left, so
+                    // the client must ask again, not take it.
+                    Err(q) => {
+                        return CommandResult {
+                            error: Some(err(
+                                ErrorCode::Unavailable,
+                                format!("{e}; and the request's recorded reply is unreadable: {q}"),
+                            )),
+                            ..Default::default()
+                        }
                     }
                 }
             }

@@ -556,13 +556,7 @@ async fn a_request_the_client_has_moved_past_never_applies_again() {
     let dname = remote_name(ROOT_INO, "d", 4, u32::MAX);
     let dir = mk(&mem, ROOT_INO, &dname, FileKind::Directory).await;
     let first = mk(&mem, ROOT_INO, "a", FileKind::Regular).await;
-    let rename = Op::Rename(RenameOp {
-        parent: ROOT_INO,
-        name: b"a".to_vec().into(),
-        new_parent: dir,
-        new_name: b"x".to_vec().into(),
-        ..Default::default()
-    });
+    let rename = rename_op(ROOT_INO, "a", dir, "x");
     // Client 9's request 5 completes (through its retry).
     request(&node, 0, rename.clone(), 9, 5)
         .await
@@ -620,6 +614,191 @@ async fn a_request_the_client_has_moved_past_never_applies_again() {
     );
     recover(&mem).await;
     assert_consistent(&mem, "after the late runs");
+}
+
+/// Groups whose request-table reads fail (the coordinator group has no
+/// leader just then).
+struct NoRecords(Node);
+
+impl Groups for NoRecords {
+    async fn propose(&self, group: u32, op: Op) -> Result<CommandResult, WireError> {
+        self.0.propose(group, op).await
+    }
+
+    async fn query(&self, group: u32, q: Q) -> Result<QueryResult, WireError> {
+        if matches!(q, Q::RequestResult(_)) {
+            return Err(WireError::new(ErrorCode::Internal, "no leader"));
+        }
+        self.0.query(group, q).await
+    }
+}
+
+/// A second run of a request another run has applied (a resend that passed
+/// the single-group attempt just before the first run decided) meets the
+/// namespace that run left: it answers the recorded reply, or Unavailable
+/// when that cannot be read, never the error the changed namespace gives.
+#[tokio::test]
+async fn a_second_run_of_an_applied_request_answers_its_recorded_reply() {
+    let mem = Mem::new(4);
+    let node = Node::new(&mem, usize::MAX);
+    let dname = remote_name(ROOT_INO, "d", 4, u32::MAX);
+    let dir = mk(&mem, ROOT_INO, &dname, FileKind::Directory).await;
+    let file = mk(&mem, ROOT_INO, "a", FileKind::Regular).await;
+    let rename = rename_op(ROOT_INO, "a", dir, "x");
+    request(&node, 0, rename.clone(), 9, 5)
+        .await
+        .expect("rename");
+    let cmd = Command {
+        version: 1,
+        now: None,
+        client_id: 9,
+        request_seq: 5,
+        acked_below: 0,
+        op: Some(rename),
+    };
+    let blind = coordinator::run(&NoRecords(Node::new(&mem, usize::MAX)), 0, 4, &cmd).await;
+    assert_eq!(
+        blind.error.map(|e| e.code()),
+        Some(ErrorCode::Unavailable),
+        "a run that cannot read the recorded reply must not answer"
+    );
+    let again = coordinator::run(&node, 0, 4, &cmd).await;
+    assert!(again.error.is_none(), "the recorded reply: {again:?}");
+    assert_eq!(lookup(&mem, dir, "x"), Some(file));
+    assert_consistent(&mem, "after the second runs");
+}
+
+/// Groups on which another client's request lands between a run's reads
+/// and its prepares.
+struct Racing {
+    node: Node,
+    /// Taken by the run's first prepare and held while the request runs,
+    /// so the run's other prepares come after it.
+    before_prepare: tokio::sync::Mutex<Option<(u32, Op)>>,
+}
+
+impl Groups for Racing {
+    async fn propose(&self, group: u32, op: Op) -> Result<CommandResult, WireError> {
+        if matches!(op, Op::TxnPrepare(_)) {
+            let mut other = self.before_prepare.lock().await;
+            if let Some((g, o)) = other.take() {
+                let node = Node::new(&self.node.mem, usize::MAX);
+                request(&node, g, o, 0, 0)
+                    .await
+                    .expect("the other client's request");
+            }
+        }
+        self.node.propose(group, op).await
+    }
+
+    async fn query(&self, group: u32, q: Q) -> Result<QueryResult, WireError> {
+        self.node.query(group, q).await
+    }
+}
+
+fn rename_op(parent: u64, name: &str, new_parent: u64, new_name: &str) -> Op {
+    Op::Rename(RenameOp {
+        parent,
+        name: name.as_bytes().to_vec().into(),
+        new_parent,
+        new_name: new_name.as_bytes().to_vec().into(),
+        ..Default::default()
+    })
+}
+
+/// Seen in the chaos tests (disk-full): a cross-group rename answered
+/// ENOENT although its source name existed throughout. Between the run's
+/// lookup and its prepares another client's rename replaced the source,
+/// deleting the inode the run had found. The name's group refuses the
+/// prepare as Busy (changed meanwhile); the inode's group, ordered first,
+/// said NotFound, and that was the answer. The same for an unlink.
+#[tokio::test]
+async fn a_name_replaced_before_the_prepare_is_retried_not_reported_missing() {
+    let mem = Mem::new(4);
+    let node = Node::new(&mem, usize::MAX);
+    let p = mk(
+        &mem,
+        ROOT_INO,
+        &remote_name(ROOT_INO, "p", 4, u32::MAX),
+        FileKind::Directory,
+    )
+    .await;
+    let pg = group_of_ino(p);
+    let q = mk(
+        &mem,
+        ROOT_INO,
+        &remote_name(ROOT_INO, "q", 4, pg),
+        FileKind::Directory,
+    )
+    .await;
+    // "n" and "m" in P have their inodes in group 0 (made in the root),
+    // "x" and "y" in P's group.
+    for name in ["n", "m"] {
+        mk(&mem, ROOT_INO, name, FileKind::Regular).await;
+        request(&node, 0, rename_op(ROOT_INO, name, p, name), 0, 0)
+            .await
+            .expect("move into p");
+    }
+    let x = mk(&mem, p, "x", FileKind::Regular).await;
+    let y = mk(&mem, p, "y", FileKind::Regular).await;
+    let n = lookup(&mem, p, "n").expect("n");
+    assert!(group_of_ino(n) < pg, "the inode's group prepares first");
+
+    // mv p/n q/n, while another client does mv p/x p/n.
+    let cmd = Command {
+        version: 1,
+        now: None,
+        client_id: 7,
+        request_seq: 1,
+        acked_below: 0,
+        op: Some(rename_op(p, "n", q, "n")),
+    };
+    let racing = Racing {
+        node: Node::new(&mem, usize::MAX),
+        before_prepare: tokio::sync::Mutex::new(Some((pg, rename_op(p, "x", p, "n")))),
+    };
+    let r = coordinator::run(&racing, pg, 4, &cmd).await;
+    assert_eq!(
+        r.error.map(|e| e.code()),
+        Some(ErrorCode::Busy),
+        "p/n existed throughout: the rename must be retried"
+    );
+    assert_eq!(lookup(&mem, p, "n"), Some(x));
+    assert_eq!(lookup(&mem, q, "n"), None);
+    // The client's retry moves the file that holds the name now.
+    request(&node, pg, cmd.op.clone().expect("op"), 7, 1)
+        .await
+        .expect("retried rename");
+    assert_eq!(lookup(&mem, q, "n"), Some(x));
+
+    // rm p/m, while another client does mv p/y p/m.
+    let remove = Op::Remove(RemoveOp {
+        parent: p,
+        name: b"m".to_vec().into(),
+        dir: false,
+    });
+    let racing = Racing {
+        node: Node::new(&mem, usize::MAX),
+        before_prepare: tokio::sync::Mutex::new(Some((pg, rename_op(p, "y", p, "m")))),
+    };
+    let cmd = Command {
+        request_seq: 2,
+        op: Some(remove.clone()),
+        ..cmd
+    };
+    let r = coordinator::run(&racing, pg, 4, &cmd).await;
+    assert_eq!(
+        r.error.map(|e| e.code()),
+        Some(ErrorCode::Busy),
+        "p/m existed throughout: the unlink must be retried"
+    );
+    assert_eq!(lookup(&mem, p, "m"), Some(y));
+    request(&node, pg, remove, 7, 2)
+        .await
+        .expect("retried unlink");
+    assert_eq!(lookup(&mem, p, "m"), None);
+    recover(&mem).await;
+    assert_consistent(&mem, "after the raced operations");
 }
 
 /// Chunk `i` of a test file.
