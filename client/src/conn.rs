@@ -39,6 +39,9 @@ pub struct ClusterConfig {
     pub local_address: Option<std::net::IpAddr>,
     /// TLS credentials and admin token (default: this process's).
     pub transport: proto::transport::Transport,
+    /// Read chunks over the direct protocol where the cluster has no TLS
+    /// (`proto::chunkwire`); off, every chunk read is a gRPC call.
+    pub direct_reads: bool,
 }
 
 impl ClusterConfig {
@@ -50,6 +53,7 @@ impl ClusterConfig {
             attempt_timeout: Duration::from_secs(3),
             local_address: None,
             transport: crate::transport(),
+            direct_reads: true,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Cluster {
     /// Bytes of chunk data this client stored (each chunk counted once,
     /// not per replica): what an import sent after deduplication.
     chunk_bytes_sent: std::sync::atomic::AtomicU64,
+    /// Direct chunk reads, when the cluster is reached without TLS.
+    direct: Option<Arc<crate::direct::DirectReads>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -165,7 +171,6 @@ impl Cluster {
     /// Connects to whichever seed answers first and learns the members.
     pub async fn connect(cfg: ClusterConfig) -> Result<Arc<Self>> {
         let cluster = Arc::new(Cluster {
-            cfg,
             client_id: rand::random::<u64>().max(1),
             next_seq: std::sync::atomic::AtomicU64::new(1),
             in_flight: Arc::new(Mutex::new(std::collections::BTreeSet::new())),
@@ -178,6 +183,13 @@ impl Cluster {
             storage: RwLock::new(Storage::default()),
             answers: Mutex::new(None),
             chunk_bytes_sent: std::sync::atomic::AtomicU64::new(0),
+            direct: (cfg.direct_reads && !cfg.transport.is_tls()).then(|| {
+                Arc::new(crate::direct::DirectReads::new(
+                    cfg.local_address,
+                    cfg.rpc_timeout,
+                ))
+            }),
+            cfg,
         });
         cluster.refresh().await?;
         // Keep up with nodes added, drained and removed; stops when the
@@ -888,24 +900,18 @@ impl Cluster {
                     let addr = storage.nodes[node].0.clone();
                     let (node, tag) = (*node, tag.clone());
                     let client = self.chunk_client(&addr);
+                    let direct = self.direct.clone().filter(|d| d.usable(&addr));
                     pending.push(async move {
                         let sent = Instant::now();
-                        let mut req = tonic::Request::new(GetChunkRequest {
-                            chunk_id: Bytes::copy_from_slice(&id.0),
-                        });
-                        proto::tag_request(&mut req, &tag);
-                        let res = match client {
-                            Ok(mut c) => c.get(req).await.map(|r| r.into_inner()),
-                            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-                        };
-                        (node, addr, sent.elapsed(), res)
+                        let res = fetch(client, direct, &addr, node, &id, &tag).await;
+                        (node, sent.elapsed(), res)
                     });
                     true
                 };
             launch(&mut pending, &mut newest);
             let mut hedge_at = tokio::time::Instant::now() + self.hedge_delay();
             while !pending.is_empty() {
-                let (node, addr, took, res) = tokio::select! {
+                let (node, took, res) = tokio::select! {
                     r = pending.next() => match r {
                         Some(r) => r,
                         None => break,
@@ -928,22 +934,19 @@ impl Cluster {
                     newest = None;
                 }
                 match res {
-                    Ok(r) => {
+                    Fetched::Chunk(data) => {
                         self.note_node(node, true);
-                        if let Some(e) = r.error {
-                            last = format!("node {node}: {e}");
-                        } else if id.verify(&r.data) {
-                            self.note_read_time(took);
-                            return Ok(r.data);
-                        } else {
-                            last = format!("node {node}: returned bytes that do not match the id");
-                            tracing::error!(%id, node, "replica returned corrupt chunk");
-                        }
+                        self.note_read_time(took);
+                        return Ok(data);
                     }
-                    Err(s) => {
+                    Fetched::Failed(why) => {
+                        self.note_node(node, true);
+                        last = why;
+                    }
+                    Fetched::Transport(why) => {
                         self.note_node(node, false);
-                        tracing::debug!(req = %tag, %id, node, error = %s.message(), "chunk read failed");
-                        last = format!("node {node} ({addr}): {}", s.message());
+                        tracing::debug!(req = %tag, %id, node, error = %why, "chunk read failed");
+                        last = why;
                     }
                 }
                 // This replica is out: the next one starts now.
@@ -984,6 +987,65 @@ impl Cluster {
             std::sync::atomic::Ordering::Relaxed,
             |old| Some(if old == 0 { us } else { (old * 7 + us) / 8 }),
         );
+    }
+}
+
+/// One replica's answer to a chunk read.
+enum Fetched {
+    /// The chunk, verified against its id.
+    Chunk(Bytes),
+    /// The node answered without the chunk (or with damaged bytes).
+    Failed(String),
+    /// The call failed: the node may be down or cut off.
+    Transport(String),
+}
+
+/// Reads chunk `id` from one node: over the direct protocol when `direct`
+/// is given, else (or when the node refuses it) over gRPC.
+async fn fetch(
+    client: Result<ChunkServiceClient<Channel>>,
+    direct: Option<Arc<crate::direct::DirectReads>>,
+    addr: &str,
+    node: u64,
+    id: &ChunkId,
+    tag: &str,
+) -> Fetched {
+    if let Some(d) = direct {
+        match d.get(addr, id, tag).await {
+            crate::direct::Direct::Chunk(data) if id.verify(&data) => return Fetched::Chunk(data),
+            // gRPC reads check the file on the node, which moves a damaged
+            // copy aside; ask that way.
+            crate::direct::Direct::Chunk(_) => {
+                tracing::error!(%id, node, "replica sent a chunk that does not match its id; asking it over gRPC")
+            }
+            crate::direct::Direct::NotFound(why) => {
+                return Fetched::Failed(format!("node {node}: {why}"))
+            }
+            crate::direct::Direct::Refused(why) => {
+                tracing::debug!(req = %tag, %id, node, error = %why, "direct chunk read failed; asking over gRPC");
+            }
+        }
+    }
+    let mut req = tonic::Request::new(GetChunkRequest {
+        chunk_id: Bytes::copy_from_slice(&id.0),
+    });
+    proto::tag_request(&mut req, tag);
+    let res = match client {
+        Ok(mut c) => c.get(req).await.map(|r| r.into_inner()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    match res {
+        Ok(r) => match r.error {
+            Some(e) => Fetched::Failed(format!("node {node}: {e}")),
+            None if id.verify(&r.data) => Fetched::Chunk(r.data),
+            None => {
+                tracing::error!(%id, node, "replica returned corrupt chunk");
+                Fetched::Failed(format!(
+                    "node {node}: returned bytes that do not match the id"
+                ))
+            }
+        },
+        Err(s) => Fetched::Transport(format!("node {node} ({addr}): {}", s.message())),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audio;
 pub mod certs;
 pub mod conn;
+pub mod direct;
 pub mod diskcache;
 pub mod error;
 pub mod fs;

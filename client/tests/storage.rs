@@ -359,14 +359,24 @@ fn chunk_path(data: &std::path::Path, id: &ChunkId) -> std::path::PathBuf {
         .join(hex)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scrub_repairs_a_rotten_and_a_missing_replica() {
+/// A cluster without throttled scrubs whose node 2 serves metrics (its
+/// address is returned), with a library of `files` files from `seed` and
+/// three copies of every chunk: (cluster, metrics, client, files, chunks).
+async fn replicated_library(
+    seed: u64,
+    files: usize,
+) -> (
+    TestCluster,
+    String,
+    Arc<Fs>,
+    BTreeMap<String, Vec<u8>>,
+    Vec<ChunkId>,
+) {
     let mut c = TestCluster::start(3, &["--scrub-mib-per-sec", "0"]).await;
-    // Node 2 serves metrics too.
     let metrics_addr = c.restart_with_metrics(1).await;
     c.init().await;
     let fs = fresh_client(&c).await;
-    let files = write_library(&fs, &mut Gen(11), 1, 4).await;
+    let files = write_library(&fs, &mut Gen(seed), 1, files).await;
     let locs = wait_for(
         "three copies of every chunk",
         Duration::from_secs(30),
@@ -376,7 +386,13 @@ async fn scrub_repairs_a_rotten_and_a_missing_replica() {
         },
     )
     .await;
-    let ids: Vec<ChunkId> = locs.keys().copied().collect();
+    let ids = locs.keys().copied().collect();
+    (c, metrics_addr, fs, files, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrub_repairs_a_rotten_and_a_missing_replica() {
+    let (c, metrics_addr, fs, files, ids) = replicated_library(11, 4).await;
     let (rot, gone) = (ids[0], ids[1]);
 
     // Bit rot on node 2, a lost file on node 3.
@@ -485,6 +501,89 @@ async fn scrub_repairs_a_rotten_and_a_missing_replica() {
         "{scrub:?}"
     );
     assert!(v.workers.iter().any(|w| w.name == "repair" && w.bytes > 0));
+}
+
+/// Chunk reads over the direct protocol: served by the node's gRPC port,
+/// counted in its metrics; a rotten file sent that way is caught by the
+/// client, which asks the node over gRPC (so the node moves the file aside)
+/// and reads another replica; with direct reads off, reads still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_reads_are_verified_and_fall_back_to_grpc() {
+    use musicfs_client::direct::{Direct, DirectReads};
+    let (c, metrics_addr, fs, files, ids) = replicated_library(17, 3).await;
+    let node2 = c.nodes[1].addr.clone();
+
+    // Straight from node 2: its bytes, a miss for an unknown id, and the
+    // reads counted beside the gRPC calls.
+    let direct = DirectReads::new(None, Duration::from_secs(10));
+    for id in &ids {
+        match direct.get(&node2, id, "1:1").await {
+            Direct::Chunk(b) => assert!(id.verify(&b), "node 2 sent other bytes for {id}"),
+            Direct::NotFound(m) | Direct::Refused(m) => panic!("direct read of {id}: {m}"),
+        }
+    }
+    let unknown = ChunkId::of(b"never stored");
+    assert!(
+        matches!(direct.get(&node2, &unknown, "").await, Direct::NotFound(_)),
+        "an unknown chunk is a miss"
+    );
+    assert!(direct.usable(&node2));
+    let text = scrape(&metrics_addr);
+    assert!(
+        text.contains("musicfs_rpc_requests_total{method=\"ChunkDirect/Get\",status=\"0\"}"),
+        "{text}"
+    );
+
+    // Bit rot on node 2. The direct read sends the bytes as they are; the
+    // client checks them, asks node 2 over gRPC (which finds the damage
+    // and moves the file aside) and then reads another replica.
+    let rot = ids[0];
+    let p2 = chunk_path(&c.nodes[1].data, &rot);
+    let mut bytes = std::fs::read(&p2).expect("chunk file on node 2");
+    bytes[100] ^= 0xff;
+    std::fs::write(&p2, &bytes).expect("flip a byte");
+    match direct.get(&node2, &rot, "").await {
+        Direct::Chunk(b) => assert!(!rot.verify(&b), "the rotten bytes as they are on disk"),
+        Direct::NotFound(m) | Direct::Refused(m) => panic!("direct read of the rotten chunk: {m}"),
+    }
+    let got = fs
+        .cluster()
+        .get_chunk(rot, &[2, 1, 3])
+        .await
+        .expect("read the rotten chunk through the client");
+    assert!(rot.verify(&got), "the client returned the rotten bytes");
+    // (Repair may have put a good copy back since.)
+    assert!(
+        std::fs::read(&p2).map_or(true, |b| rot.verify(&b)),
+        "node 2 still holds the rotten file: the client did not ask it over gRPC"
+    );
+
+    // Every file reads back whole with direct reads on, and with them off.
+    read_back(&*fresh_client(&c).await, &files).await;
+    let seeds = parse_seeds(&c.seeds()).expect("seeds");
+    let mut cfg = musicfs_client::ClusterConfig::new(seeds);
+    cfg.direct_reads = false;
+    let grpc_only = musicfs_client::Cluster::connect(cfg)
+        .await
+        .expect("connect");
+    let before = scrape(&metrics_addr);
+    for id in &ids[1..] {
+        let got = grpc_only.get_chunk(*id, &[2]).await.expect("gRPC read");
+        assert!(id.verify(&got));
+    }
+    let count = |text: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("musicfs_rpc_requests_total{method=\"ChunkDirect/Get\",status=\"0\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        count(&before),
+        count(&scrape(&metrics_addr)),
+        "a client with direct reads off used them"
+    );
 }
 
 /// Chunk files on a node's disk.

@@ -11,6 +11,7 @@ pub mod background;
 pub mod check;
 pub mod chunkstore;
 pub mod coordinator;
+pub mod direct;
 pub mod gc;
 pub mod metrics;
 pub mod namespace;

@@ -128,6 +128,13 @@ pub fn raft_group(group: u32, term: u64, last_log: u64, applied: u64, leader: bo
     metrics::gauge!(RAFT_IS_LEADER, "group" => g).set(if leader { 1.0 } else { 0.0 });
 }
 
+/// A chunk read served over the direct protocol, counted with the gRPC
+/// calls under the method `ChunkDirect/Get`.
+pub fn direct_read(status: &'static str, took: std::time::Duration) {
+    metrics::counter!(RPC_REQUESTS, "method" => "ChunkDirect/Get", "status" => status).increment(1);
+    metrics::histogram!(RPC_SECONDS, "method" => "ChunkDirect/Get").record(took.as_secs_f64());
+}
+
 pub fn raft_balance_pass() {
     metrics::counter!(RAFT_BALANCE_PASSES).increment(1);
 }

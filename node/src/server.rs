@@ -262,10 +262,6 @@ pub async fn run(
             addr: cfg.listen,
             source,
         })?;
-    // Without TCP_NODELAY on accepted sockets, small replies wait on delayed ACKs.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(10)));
     let router = Router::new(registry.clone(), std::time::Duration::from_secs(10));
     let meta = Arc::new(MetaSvc {
         registry: registry.clone(),
@@ -345,6 +341,11 @@ pub async fn run(
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     };
+    // Chunk reads over the direct protocol share the gRPC port; under TLS
+    // every connection is gRPC's.
+    let (incoming, accept_task) =
+        crate::direct::split_incoming(listener, chunks.clone(), !wire.is_tls());
+    let _accept_task = crate::background::AbortOnDrop(accept_task);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = wire.server_tls() {
         builder = builder.tls_config(tls)?;

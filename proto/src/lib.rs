@@ -17,6 +17,7 @@ pub mod admin {
     tonic::include_proto!("musicfs.admin");
 }
 
+pub mod chunkwire;
 mod convert;
 pub mod display;
 pub mod tags;

@@ -1,0 +1,227 @@
+//! The node's side of the direct chunk protocol (`proto::chunkwire`): the
+//! listener's connections are sorted by their first byte, gRPC's go to
+//! tonic, direct ones are served here with `sendfile`.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::chunkwire::{
+    decode_request_head, encode_reply_head, FIRST_BYTE, HELLO, MAX_TAG_LEN, OP_GET, REQUEST_HEAD,
+    STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_NOT_FOUND, STATUS_OK,
+};
+use proto::ChunkId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::chunkstore::{ChunkStore, MAX_CHUNK_BYTES};
+
+// A reply announcing a chunk the client's bound refuses would never be read.
+const _: () = assert!(MAX_CHUNK_BYTES <= proto::chunkwire::MAX_REPLY_BYTES as usize);
+
+/// How long a new connection may take to send its first byte, and a direct
+/// connection to send its next request, before it is closed.
+const IDLE: Duration = Duration::from_secs(60);
+/// How long one reply may wait on a client that does not read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections on `listener` and returns the gRPC ones as a stream
+/// for tonic. With `direct` (a cluster without TLS), connections that open
+/// with the direct protocol's hello are served here; otherwise they go to
+/// tonic too, which refuses them. The task ends with the returned handle.
+pub fn split_incoming(
+    listener: TcpListener,
+    store: Arc<ChunkStore>,
+    direct: bool,
+) -> (
+    ReceiverStream<io::Result<TcpStream>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset before it
+                    // was accepted: the listener itself is fine.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Without TCP_NODELAY, small replies wait on delayed ACKs.
+            let _ = stream.set_nodelay(true);
+            let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+            let (tx, store) = (tx.clone(), store.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(IDLE, stream.peek(&mut first)).await {
+                    Ok(Ok(1)) if direct && first[0] == FIRST_BYTE => {
+                        if let Err(e) = serve(stream, store).await {
+                            tracing::debug!(error = %e, "direct chunk connection ended");
+                        }
+                    }
+                    Ok(Ok(1)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    // Closed or silent before its first byte.
+                    _ => {}
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), task)
+}
+
+/// Tags come from the network: only the `CLIENT:SEQ` shape is logged.
+fn clean_tag(raw: &[u8]) -> String {
+    let ok = raw.iter().all(|b| b.is_ascii_hexdigit() || *b == b':');
+    if ok {
+        String::from_utf8_lossy(raw).into_owned()
+    } else {
+        String::new()
+    }
+}
+
+async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> {
+    let mut hello = [0u8; HELLO.len()];
+    tokio::time::timeout(IDLE, stream.read_exact(&mut hello)).await??;
+    if hello != HELLO {
+        let msg = b"unknown protocol version";
+        stream
+            .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
+            .await?;
+        stream.write_all(msg).await?;
+        return Ok(());
+    }
+    loop {
+        let mut head = [0u8; REQUEST_HEAD];
+        match tokio::time::timeout(IDLE, stream.read_exact(&mut head)).await {
+            // Idle, or the client closed it: both are the normal end.
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(_)) => {}
+        }
+        let (op, id, tag_len) = decode_request_head(&head);
+        if op != OP_GET || tag_len > MAX_TAG_LEN {
+            let msg = format!("unknown request {op} (tag of {tag_len} bytes)");
+            stream
+                .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
+                .await?;
+            stream.write_all(msg.as_bytes()).await?;
+            return Ok(());
+        }
+        let mut tag = vec![0u8; tag_len];
+        tokio::time::timeout(IDLE, stream.read_exact(&mut tag)).await??;
+        let tag = clean_tag(&tag);
+        let id = ChunkId(id);
+        let start = Instant::now();
+        // The send blocks on the disk when the chunk is not in the page
+        // cache: it runs on the blocking pool with the socket in blocking
+        // mode, bounded by a send timeout.
+        let sock = stream.into_std()?;
+        sock.set_nonblocking(false)?;
+        let store2 = store.clone();
+        let (sock, res) = tokio::task::spawn_blocking(move || {
+            let r = send_chunk(&sock, &store2, &id);
+            (sock, r)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        sock.set_nonblocking(true)?;
+        stream = TcpStream::from_std(sock)?;
+        match res {
+            Ok((status, len)) => {
+                tracing::debug!(req = %tag, %id, status, bytes = len, "direct chunk read");
+                crate::metrics::direct_read("0", start.elapsed());
+            }
+            Err(e) => {
+                tracing::debug!(req = %tag, %id, error = %e, "direct chunk read failed");
+                crate::metrics::direct_read("transport", start.elapsed());
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Replies with a status and a message.
+fn reply(mut sock: &std::net::TcpStream, status: u8, msg: &str) -> io::Result<(u8, u64)> {
+    let mut out = encode_reply_head(status, msg.len() as u32).to_vec();
+    out.extend_from_slice(msg.as_bytes());
+    sock.write_all(&out)?;
+    Ok((status, 0))
+}
+
+/// Sends chunk `id`'s file as the reply: (status, bytes sent).
+fn send_chunk(
+    sock: &std::net::TcpStream,
+    store: &ChunkStore,
+    id: &ChunkId,
+) -> io::Result<(u8, u64)> {
+    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
+    let path = store.path_of(id);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return reply(sock, STATUS_NOT_FOUND, &format!("chunk {id} not found"))
+        }
+        Err(e) => return reply(sock, STATUS_ERROR, &format!("{}: {e}", path.display())),
+    };
+    let len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return reply(sock, STATUS_ERROR, &format!("{}: {e}", path.display())),
+    };
+    if len > MAX_CHUNK_BYTES as u64 {
+        return reply(
+            sock,
+            STATUS_ERROR,
+            &format!("{}: {len} bytes is larger than any chunk", path.display()),
+        );
+    }
+    let head = encode_reply_head(STATUS_OK, len as u32);
+    // MSG_MORE: the header goes out in one segment with the data.
+    // SAFETY: `head` outlives the call; the descriptor is the live socket.
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            head.as_ptr().cast(),
+            head.len(),
+            libc::MSG_MORE,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (n as usize) < head.len() {
+        let mut s = sock;
+        s.write_all(&head[n as usize..])?;
+    }
+    let mut off: libc::off_t = 0;
+    while (off as u64) < len {
+        let want = (len - off as u64) as usize;
+        // SAFETY: both descriptors are open for the call; `off` is ours.
+        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, want) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // The file shrank under us: the client sees a cut reply and
+            // asks another replica.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} is shorter than its length", path.display()),
+            ));
+        }
+    }
+    Ok((STATUS_OK, len))
+}
