@@ -33,10 +33,11 @@ use crate::layout::{self, ChunkCache, DirtyRuns};
 use crate::views::{self, Views};
 
 /// Bytes of unchunked writes an open file may hold before they are chunked
-/// and uploaded (not yet committed). Bounds memory per open file.
+/// and stored (not yet committed). With `STORES_IN_FLIGHT` spills being
+/// stored, it bounds memory per open file.
 pub const SPILL_BYTES: usize = 32 << 20;
-/// Bytes of unchunked writes all open files of a client may hold together:
-/// past it, a write spills its file's buffer from `MIN_SPILL_BYTES` on, so
+/// Bytes of writes all open files of a client may hold together, unchunked
+/// or not stored yet: past it, a write spills its file's buffer from `MIN_SPILL_BYTES` on, so
 /// many files written at once do not add up to many times `SPILL_BYTES`.
 pub const CLIENT_DIRTY_BYTES: usize = 256 << 20;
 const MIN_SPILL_BYTES: usize = 4 << 20;
@@ -53,6 +54,10 @@ const READAHEAD_MAX: u64 = 64 << 20;
 const SEQUENTIAL_SLACK: u64 = 16 << 20;
 /// Concurrent chunk uploads per flush.
 const UPLOAD_PARALLELISM: usize = 8;
+/// Background stores of spilled chunks one open file may have running: a
+/// writer fills its buffer again while the last one is stored, and waits
+/// when this many are still under way (bounds memory per file).
+pub const STORES_IN_FLIGHT: usize = 2;
 
 /// Most creates one bulk command carries (the node's limit).
 pub const BATCH_CREATES: usize = 1024;
@@ -118,6 +123,8 @@ struct FileState {
     /// The chunks `new_chunks` names.
     listed: std::collections::HashSet<ChunkId>,
     dirty: DirtyRuns,
+    /// Chunks spilled into `extents` and not stored yet.
+    unstored: Unstored,
     modified: bool,
     /// Written to since the file was opened (flush commits and clears
     /// `modified`; this lasts until the last close).
@@ -173,6 +180,7 @@ impl FileState {
             pending_since: None,
             listed: Default::default(),
             dirty: DirtyRuns::default(),
+            unstored: Unstored::default(),
             modified: false,
             mtime: None,
             opens: 0,
@@ -190,7 +198,7 @@ impl FileState {
     /// Brings the client's count of buffered bytes up to date with this
     /// file's buffer; returns the client's total.
     fn count_dirty(&mut self) -> usize {
-        let now = self.dirty.bytes();
+        let now = self.dirty.bytes() + self.unstored.bytes;
         let total = if now >= self.counted {
             self.client_dirty
                 .fetch_add(now - self.counted, Ordering::Relaxed)
@@ -203,6 +211,139 @@ impl FileState {
         self.counted = now;
         total
     }
+}
+
+impl FileState {
+    /// Takes what a store of chunks came to into the layout to commit.
+    fn merge(&mut self, stored: Stored) {
+        for c in stored.chunks {
+            if let Some(data) = self.unstored.chunks.remove(&c.id) {
+                self.unstored.bytes -= data.len();
+            }
+            self.locations.insert(c.id, c.locations);
+            if self.listed.insert(c.id) {
+                self.new_chunks.push(NewChunk {
+                    chunk_id: Bytes::copy_from_slice(&c.id.0),
+                    size: c.size,
+                    locations: c.commit_locations,
+                });
+            }
+        }
+        // The commit relies on this answer of the index from now on.
+        self.checked_at_ms = match self.checked_at_ms {
+            0 => stored.checked_at,
+            t => t.min(stored.checked_at),
+        };
+        self.pending_since
+            .get_or_insert_with(std::time::Instant::now);
+    }
+}
+
+/// Chunks cut from an open file's writes and placed in its layout, whose
+/// store (the index's dedup answer, uploads) runs in the background or
+/// failed: reads take their bytes from here, and a flush stores whatever a
+/// background store did not.
+#[derive(Default)]
+struct Unstored {
+    chunks: HashMap<ChunkId, Bytes>,
+    bytes: usize,
+    /// Background stores of some of `chunks`, oldest first; each covers
+    /// chunks no other covers.
+    tasks: std::collections::VecDeque<tokio::task::JoinHandle<Result<Stored>>>,
+}
+
+/// What storing a set of chunks came to.
+struct Stored {
+    chunks: Vec<StoredChunk>,
+    /// When the index answered (leader ms).
+    checked_at: u64,
+}
+
+struct StoredChunk {
+    id: ChunkId,
+    size: u64,
+    /// Where the layout commit says it was put: empty for a chunk the
+    /// index already vouched for (what it said may change before the
+    /// commit, which must not put a location back).
+    commit_locations: Vec<u64>,
+    /// Where reads look first.
+    locations: Vec<u64>,
+}
+
+/// Asks the index which of `chunks` it has (dedup) and uploads the rest
+/// to their placement.
+async fn store_chunks(cluster: Arc<Cluster>, chunks: Vec<(ChunkId, Bytes)>) -> Result<Stored> {
+    let ids = chunks.iter().map(|c| c.0).collect();
+    let (infos, checked_at) = chunk_info(&cluster, ids).await?;
+    let known: HashMap<ChunkId, ChunkInfo> = infos
+        .into_iter()
+        .filter(|i| i.known && !i.locations.is_empty())
+        .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i)))
+        .collect();
+    let mut out = Vec::new();
+    let mut to_upload = Vec::new();
+    for (id, data) in chunks {
+        match known.get(&id) {
+            Some(info) => out.push(StoredChunk {
+                id,
+                size: info.size,
+                commit_locations: Vec::new(),
+                locations: info.locations.clone(),
+            }),
+            // Not vouched for (even if this file's old layout had it: a
+            // truncate may have dropped its last reference): store it.
+            None => to_upload.push((id, data)),
+        }
+    }
+    let uploaded: Vec<StoredChunk> = stream::iter(to_upload)
+        .map(|(id, data)| {
+            let cluster = cluster.clone();
+            async move {
+                let size = data.len() as u64;
+                let locs = cluster.put_chunk(id, data).await?;
+                Ok::<_, ClientError>(StoredChunk {
+                    id,
+                    size,
+                    commit_locations: locs.clone(),
+                    locations: locs,
+                })
+            }
+        })
+        .buffer_unordered(UPLOAD_PARALLELISM)
+        .try_collect()
+        .await?;
+    out.extend(uploaded);
+    Ok(Stored {
+        chunks: out,
+        checked_at,
+    })
+}
+
+/// Chunk-index entries, asked of each chunk's shard in batches, and the
+/// oldest answer's time (leader clock, ms).
+async fn chunk_info(cluster: &Cluster, ids: Vec<ChunkId>) -> Result<(Vec<ChunkInfo>, u64)> {
+    let groups = cluster.group_count();
+    let mut by_group: HashMap<u32, Vec<ChunkId>> = HashMap::new();
+    for id in ids {
+        by_group.entry(id.group(groups)).or_default().push(id);
+    }
+    let mut out = Vec::new();
+    let mut oldest = u64::MAX;
+    for (g, ids) in by_group {
+        for batch in ids.chunks(1024) {
+            let r = cluster
+                .query(
+                    g,
+                    Q::ChunkInfo(ChunkInfoQuery {
+                        chunk_ids: batch.iter().map(|i| Bytes::copy_from_slice(&i.0)).collect(),
+                    }),
+                )
+                .await?;
+            oldest = oldest.min(r.now_ms);
+            out.extend(r.chunks);
+        }
+    }
+    Ok((out, if oldest == u64::MAX { 0 } else { oldest }))
 }
 
 pub struct Fs {
@@ -304,7 +445,8 @@ impl Fs {
         &self.cluster
     }
 
-    /// Bytes of writes all open files hold unchunked.
+    /// Bytes of writes all open files hold in memory: unchunked, or cut
+    /// into chunks not stored yet.
     pub fn buffered_bytes(&self) -> usize {
         self.dirty_bytes.load(Ordering::Relaxed)
     }
@@ -935,34 +1077,6 @@ impl Fs {
         ))
     }
 
-    /// Chunk-index entries, asked of each chunk's shard in batches, and
-    /// the oldest answer's time (leader clock, ms).
-    async fn chunk_info(&self, ids: Vec<ChunkId>) -> Result<(Vec<ChunkInfo>, u64)> {
-        let groups = self.cluster.group_count();
-        let mut by_group: HashMap<u32, Vec<ChunkId>> = HashMap::new();
-        for id in ids {
-            by_group.entry(id.group(groups)).or_default().push(id);
-        }
-        let mut out = Vec::new();
-        let mut oldest = u64::MAX;
-        for (g, ids) in by_group {
-            for batch in ids.chunks(1024) {
-                let r = self
-                    .cluster
-                    .query(
-                        g,
-                        Q::ChunkInfo(ChunkInfoQuery {
-                            chunk_ids: batch.iter().map(|i| Bytes::copy_from_slice(&i.0)).collect(),
-                        }),
-                    )
-                    .await?;
-                oldest = oldest.min(r.now_ms);
-                out.extend(r.chunks);
-            }
-        }
-        Ok((out, if oldest == u64::MAX { 0 } else { oldest }))
-    }
-
     fn handle(&self, fh: u64) -> Result<Arc<AsyncMutex<FileState>>> {
         lock(&self.handles)
             .get(&fh)
@@ -984,28 +1098,36 @@ impl Fs {
                     return Ok(Bytes::new());
                 }
                 let end = (offset + u64::from(size)).min(st.size);
-                let wanted: Vec<(Extent, Vec<u64>)> = st
+                // A chunk still being stored is read from memory.
+                let wanted: Vec<(Extent, Result<Bytes, Vec<u64>>)> = st
                     .extents
                     .iter()
                     .filter(|e| layout::extent_end(e) > offset && e.offset < end)
                     .map(|e| {
-                        let locs = layout::extent_chunk(e)
-                            .and_then(|id| st.locations.get(&id).cloned())
-                            .unwrap_or_default();
-                        (e.clone(), locs)
+                        let id = layout::extent_chunk(e);
+                        let src = match id.and_then(|id| st.unstored.chunks.get(&id)) {
+                            Some(data) => Ok(data.clone()),
+                            None => Err(id
+                                .and_then(|id| st.locations.get(&id).cloned())
+                                .unwrap_or_default()),
+                        };
+                        (e.clone(), src)
                     })
                     .collect();
                 self.note_read(&mut st, offset, end);
                 (st.version, end, wanted)
             };
-            let fetched =
-                futures::future::try_join_all(wanted.iter().map(|(e, locs)| async move {
-                    let id = layout::extent_chunk(e).ok_or_else(|| {
-                        ClientError::server(ErrorCode::Corrupt, "bad chunk id in layout")
-                    })?;
-                    Ok::<_, ClientError>((id, self.fetch(id, locs.clone()).await?))
-                }))
-                .await?;
+            let fetched = futures::future::try_join_all(wanted.iter().map(|(e, src)| async move {
+                let id = layout::extent_chunk(e).ok_or_else(|| {
+                    ClientError::server(ErrorCode::Corrupt, "bad chunk id in layout")
+                })?;
+                let data = match src {
+                    Ok(data) => data.clone(),
+                    Err(locs) => self.fetch(id, locs.clone()).await?,
+                };
+                Ok::<_, ClientError>((id, data))
+            }))
+            .await?;
             // The common case: one chunk holds the whole range and nothing
             // is buffered over it; hand out a slice of it, no copy.
             if let ([(e, _)], [(_, data)]) = (&wanted[..], &fetched[..]) {
@@ -1171,135 +1293,146 @@ impl Fs {
         st.mtime = Some(Timespec::now());
         let client_total = st.count_dirty();
         let buffered = st.dirty.bytes();
-        if buffered >= SPILL_BYTES
-            || (client_total > CLIENT_DIRTY_BYTES && buffered >= MIN_SPILL_BYTES)
-        {
+        if client_total > CLIENT_DIRTY_BYTES {
+            // Over the client's bound: this file's bytes leave memory
+            // before the write returns.
+            if buffered >= MIN_SPILL_BYTES {
+                self.spill(&mut st, false).await?;
+            }
+            self.store_all(&mut st).await?;
+        } else if buffered >= SPILL_BYTES {
+            self.collect_stores(&mut st, STORES_IN_FLIGHT - 1).await?;
             self.spill(&mut st, false).await?;
+        } else {
+            self.collect_stores(&mut st, usize::MAX).await?;
         }
         Ok(data.len() as u32)
     }
 
-    /// Chunks and uploads buffered writes into the working layout. Unless
+    /// Cuts buffered writes into chunks, places them in the working layout
+    /// and starts storing them in the background (`Unstored`). Unless
     /// `all`, the last chunk of each run stays buffered (its end is where
     /// the buffer filled, not a content boundary), so a sequential writer
     /// gets the same chunk boundaries as a whole-file cut, also when it
     /// writes over a longer old content (a re-tagged track).
     async fn spill(&self, st: &mut FileState, all: bool) -> Result<()> {
-        st.version += 1;
-        let runs = st.dirty.take();
-        let res = self.spill_runs(st, &runs, all).await;
-        if res.is_err() {
-            // Nothing was placed in the layout: keep every byte buffered, so
-            // a later flush retries instead of committing without it.
-            for (off, run) in &runs {
-                st.dirty.write(*off, run);
+        let runs = Arc::new(st.dirty.take());
+        // Cutting and hashing run on the blocking pool, beside the uploads
+        // of the previous spill.
+        let cut = {
+            let runs = runs.clone();
+            tokio::task::spawn_blocking(move || {
+                runs.iter()
+                    .map(|(off, run)| layout::cut(*off, run))
+                    .collect::<Vec<_>>()
+            })
+            .await
+        };
+        let cuts = match cut {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was placed: every byte stays buffered.
+                for (off, run) in runs.iter() {
+                    st.dirty.write(*off, run);
+                }
+                st.count_dirty();
+                return Err(ClientError::Unavailable(format!("chunking failed: {e}")));
             }
-        }
-        st.count_dirty();
-        res
-    }
-
-    async fn spill_runs(
-        &self,
-        st: &mut FileState,
-        runs: &[(u64, Vec<u8>)],
-        all: bool,
-    ) -> Result<()> {
-        let mut chunks = Vec::new();
-        for (off, run) in runs {
-            let (off, run) = (*off, run);
-            let mut cut = layout::cut(off, run);
+        };
+        st.version += 1;
+        let mut fresh = Vec::new();
+        for mut cut in cuts {
             if !all && cut.len() > 1 {
                 if let Some(last) = cut.pop() {
                     st.dirty.write(last.file_offset, &last.data);
                 }
             }
-            chunks.extend(cut);
-        }
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        // Ask the index which chunks it already has (dedup), then upload the rest.
-        let mut unique: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        unique.sort();
-        unique.dedup();
-        let (infos, checked_at) = self.chunk_info(unique).await?;
-        let known: HashMap<ChunkId, ChunkInfo> = infos
-            .into_iter()
-            .filter(|i| i.known && !i.locations.is_empty())
-            .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i)))
-            .collect();
-        let mut to_upload: Vec<(ChunkId, Bytes)> = Vec::new();
-        for c in &chunks {
-            if st.listed.contains(&c.id) || to_upload.iter().any(|u| u.0 == c.id) {
-                continue;
-            }
-            if let Some(info) = known.get(&c.id) {
-                st.locations.insert(c.id, info.locations.clone());
-                // The layout commit names every chunk it adds, with its
-                // size, even ones the cluster already has (a chunk indexed
-                // by another group is checked against it) but not their
-                // locations: what the index said may since have changed
-                // (a scrub found a replica missing), and the commit must
-                // not put it back.
-                st.new_chunks.push(NewChunk {
-                    chunk_id: Bytes::copy_from_slice(&c.id.0),
-                    size: info.size,
-                    locations: Vec::new(),
-                });
-                st.listed.insert(c.id);
-            } else {
-                // Not vouched for (even if this file's old layout had it:
-                // a truncate may have dropped its last reference): store it.
-                to_upload.push((c.id, c.data.clone()));
-            }
-        }
-        // The commit relies on this answer from now on, even if an upload
-        // below fails and the spill is retried later: a stale answer must
-        // make the commit ask again, not pass.
-        if !st.new_chunks.is_empty() || !to_upload.is_empty() {
-            st.checked_at_ms = match st.checked_at_ms {
-                0 => checked_at,
-                t => t.min(checked_at),
-            };
-            st.pending_since.get_or_insert_with(std::time::Instant::now);
-        }
-        let cluster = self.cluster.clone();
-        let uploaded: Vec<(ChunkId, u64, Vec<u64>)> = stream::iter(to_upload)
-            .map(|(id, data)| {
-                let cluster = cluster.clone();
-                async move {
-                    let size = data.len() as u64;
-                    let locs = cluster.put_chunk(id, data).await?;
-                    Ok::<_, ClientError>((id, size, locs))
+            for c in cut {
+                // Keep the cache warm with what was just written.
+                lock(&self.cache).insert(c.id, c.data.clone());
+                layout::overlay(
+                    &mut st.extents,
+                    Extent {
+                        offset: c.file_offset,
+                        length: c.data.len() as u64,
+                        chunk_id: Bytes::copy_from_slice(&c.id.0),
+                        chunk_offset: 0,
+                    },
+                );
+                if !st.listed.contains(&c.id) && !st.unstored.chunks.contains_key(&c.id) {
+                    st.unstored.bytes += c.data.len();
+                    st.unstored.chunks.insert(c.id, c.data.clone());
+                    fresh.push((c.id, c.data));
                 }
-            })
-            .buffer_unordered(UPLOAD_PARALLELISM)
-            .try_collect()
-            .await?;
-        for (id, size, locs) in uploaded {
-            st.locations.insert(id, locs.clone());
-            st.listed.insert(id);
-            st.new_chunks.push(NewChunk {
-                chunk_id: Bytes::copy_from_slice(&id.0),
-                size,
-                locations: locs,
-            });
+            }
         }
+        if !fresh.is_empty() {
+            let task = tokio::spawn(store_chunks(self.cluster.clone(), fresh));
+            st.unstored.tasks.push_back(task);
+        }
+        st.count_dirty();
+        Ok(())
+    }
 
-        for c in chunks {
-            // Keep the cache warm with what was just written.
-            lock(&self.cache).insert(c.id, c.data.clone());
-            layout::overlay(
-                &mut st.extents,
-                Extent {
-                    offset: c.file_offset,
-                    length: c.data.len() as u64,
-                    chunk_id: Bytes::copy_from_slice(&c.id.0),
-                    chunk_offset: 0,
-                },
-            );
+    /// Takes the results of this file's background stores, waiting until
+    /// at most `running` are still under way. If one failed, its chunks
+    /// are stored again here, and that attempt's error is the answer.
+    async fn collect_stores(&self, st: &mut FileState, running: usize) -> Result<()> {
+        let mut failed = false;
+        while let Some(task) = st.unstored.tasks.pop_front() {
+            if st.unstored.tasks.len() < running && !task.is_finished() {
+                st.unstored.tasks.push_front(task);
+                break;
+            }
+            match task.await {
+                Ok(Ok(stored)) => st.merge(stored),
+                Ok(Err(e)) => {
+                    tracing::debug!(ino = st.ino, error = %e, "background chunk store failed; storing again");
+                    failed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(ino = st.ino, error = %e, "background chunk store ended");
+                    failed = true;
+                }
+            }
         }
+        st.count_dirty();
+        if failed {
+            self.store_all(st).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores every chunk spilled so far: waits for the background stores,
+    /// then stores here what they did not.
+    async fn store_all(&self, st: &mut FileState) -> Result<()> {
+        while let Some(task) = st.unstored.tasks.pop_front() {
+            match task.await {
+                Ok(Ok(stored)) => st.merge(stored),
+                // Its chunks stay unstored: stored below.
+                Ok(Err(e)) => {
+                    tracing::debug!(ino = st.ino, error = %e, "background chunk store failed")
+                }
+                Err(e) => tracing::warn!(ino = st.ino, error = %e, "background chunk store ended"),
+            }
+        }
+        if !st.unstored.chunks.is_empty() {
+            let chunks: Vec<(ChunkId, Bytes)> = st
+                .unstored
+                .chunks
+                .iter()
+                .map(|(id, d)| (*id, d.clone()))
+                .collect();
+            let res = store_chunks(self.cluster.clone(), chunks).await;
+            match res {
+                Ok(stored) => st.merge(stored),
+                Err(e) => {
+                    st.count_dirty();
+                    return Err(e);
+                }
+            }
+        }
+        st.count_dirty();
         Ok(())
     }
 
@@ -1309,6 +1442,7 @@ impl Fs {
             return Ok(());
         }
         self.spill(st, true).await?;
+        self.store_all(st).await?;
         let mut rechecked = false;
         let hint = self.name_of(st.ino);
         loop {
@@ -1370,7 +1504,7 @@ impl Fs {
             .iter()
             .filter_map(|n| ChunkId::try_from(&n.chunk_id[..]).ok())
             .collect();
-        let (infos, checked_at) = self.chunk_info(ids).await?;
+        let (infos, checked_at) = chunk_info(&self.cluster, ids).await?;
         let known: HashMap<ChunkId, ChunkInfo> = infos
             .into_iter()
             .filter(|i| i.known && !i.locations.is_empty())
@@ -1755,7 +1889,7 @@ impl Fs {
         let attr = self.resolve(path).await?;
         let st = self.load(attr.ino).await?;
         let ids: BTreeSet<ChunkId> = st.extents.iter().filter_map(layout::extent_chunk).collect();
-        let (infos, _) = self.chunk_info(ids.into_iter().collect()).await?;
+        let (infos, _) = chunk_info(&self.cluster, ids.into_iter().collect()).await?;
         let mut v: Vec<(ChunkId, Vec<u64>)> = infos
             .into_iter()
             .filter_map(|i| Some((ChunkId::try_from(&i.chunk_id[..]).ok()?, i.locations)))
