@@ -37,8 +37,9 @@ use crate::views::{self, Views};
 /// stored, it bounds memory per open file.
 pub const SPILL_BYTES: usize = 32 << 20;
 /// Bytes of writes all open files of a client may hold together, unchunked
-/// or not stored yet: past it, a write spills its file's buffer from `MIN_SPILL_BYTES` on, so
-/// many files written at once do not add up to many times `SPILL_BYTES`.
+/// or not stored yet: past it, a write spills its file's buffer from
+/// `MIN_SPILL_BYTES` on and waits for its store, so many files written at
+/// once do not add up to many times `SPILL_BYTES`.
 pub const CLIENT_DIRTY_BYTES: usize = 256 << 20;
 const MIN_SPILL_BYTES: usize = 4 << 20;
 /// Default size of the in-memory chunk cache of a mount.
@@ -211,9 +212,7 @@ impl FileState {
         self.counted = now;
         total
     }
-}
 
-impl FileState {
     /// Takes what a store of chunks came to into the layout to commit.
     fn merge(&mut self, stored: Stored) {
         for c in stored.chunks {
