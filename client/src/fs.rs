@@ -269,6 +269,25 @@ struct StoredChunk {
     locations: Vec<u64>,
 }
 
+/// Takes a background store's result into `st`; false if it failed (its
+/// chunks stay unstored, for the next attempt).
+async fn finish_store(st: &mut FileState, task: tokio::task::JoinHandle<Result<Stored>>) -> bool {
+    match task.await {
+        Ok(Ok(stored)) => {
+            st.merge(stored);
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(ino = st.ino, error = %e, "background chunk store failed");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(ino = st.ino, error = %e, "background chunk store ended");
+            false
+        }
+    }
+}
+
 /// Asks the index which of `chunks` it has (dedup) and uploads the rest
 /// to their placement.
 async fn store_chunks(cluster: Arc<Cluster>, chunks: Vec<(ChunkId, Bytes)>) -> Result<Stored> {
@@ -1383,16 +1402,8 @@ impl Fs {
                 st.unstored.tasks.push_front(task);
                 break;
             }
-            match task.await {
-                Ok(Ok(stored)) => st.merge(stored),
-                Ok(Err(e)) => {
-                    tracing::debug!(ino = st.ino, error = %e, "background chunk store failed; storing again");
-                    failed = true;
-                }
-                Err(e) => {
-                    tracing::warn!(ino = st.ino, error = %e, "background chunk store ended");
-                    failed = true;
-                }
+            if !finish_store(st, task).await {
+                failed = true;
             }
         }
         st.count_dirty();
@@ -1406,14 +1417,8 @@ impl Fs {
     /// then stores here what they did not.
     async fn store_all(&self, st: &mut FileState) -> Result<()> {
         while let Some(task) = st.unstored.tasks.pop_front() {
-            match task.await {
-                Ok(Ok(stored)) => st.merge(stored),
-                // Its chunks stay unstored: stored below.
-                Ok(Err(e)) => {
-                    tracing::debug!(ino = st.ino, error = %e, "background chunk store failed")
-                }
-                Err(e) => tracing::warn!(ino = st.ino, error = %e, "background chunk store ended"),
-            }
+            // A failed one leaves its chunks unstored: stored below.
+            finish_store(st, task).await;
         }
         if !st.unstored.chunks.is_empty() {
             let chunks: Vec<(ChunkId, Bytes)> = st

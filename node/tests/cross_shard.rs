@@ -544,6 +544,20 @@ async fn a_stalled_run_does_not_commit_after_its_retry_was_answered() {
     assert_consistent(&mem, "after the stalled run");
 }
 
+/// Client 9's request 5 applied: a rename of the root's "a" to "x" in a
+/// directory of another group. Returns (node, directory, file, the op).
+async fn applied_cross_group_rename(mem: &Arc<Mem>) -> (Node, u64, u64, Op) {
+    let node = Node::new(mem, usize::MAX);
+    let dname = remote_name(ROOT_INO, "d", 4, u32::MAX);
+    let dir = mk(mem, ROOT_INO, &dname, FileKind::Directory).await;
+    let file = mk(mem, ROOT_INO, "a", FileKind::Regular).await;
+    let rename = rename_op(ROOT_INO, "a", dir, "x");
+    request(&node, 0, rename.clone(), 9, 5)
+        .await
+        .expect("rename");
+    (node, dir, file, rename)
+}
+
 /// A run of a request can stall past the client's retry, the retry's
 /// answer, and the client's next requests (which tell the group to forget
 /// that answer). Seen in the chaos tests with a node killed: the stalled
@@ -552,15 +566,8 @@ async fn a_stalled_run_does_not_commit_after_its_retry_was_answered() {
 #[tokio::test]
 async fn a_request_the_client_has_moved_past_never_applies_again() {
     let mem = Mem::new(4);
-    let node = Node::new(&mem, usize::MAX);
-    let dname = remote_name(ROOT_INO, "d", 4, u32::MAX);
-    let dir = mk(&mem, ROOT_INO, &dname, FileKind::Directory).await;
-    let first = mk(&mem, ROOT_INO, "a", FileKind::Regular).await;
-    let rename = rename_op(ROOT_INO, "a", dir, "x");
     // Client 9's request 5 completes (through its retry).
-    request(&node, 0, rename.clone(), 9, 5)
-        .await
-        .expect("rename");
+    let (node, dir, first, rename) = applied_cross_group_rename(&mem).await;
     assert_eq!(lookup(&mem, dir, "x"), Some(first));
     // Its next request says it has every answer below 6.
     mem.apply_acked(0, create(ROOT_INO, "b", FileKind::Regular), 9, 6, 6)
@@ -640,14 +647,7 @@ impl Groups for NoRecords {
 #[tokio::test]
 async fn a_second_run_of_an_applied_request_answers_its_recorded_reply() {
     let mem = Mem::new(4);
-    let node = Node::new(&mem, usize::MAX);
-    let dname = remote_name(ROOT_INO, "d", 4, u32::MAX);
-    let dir = mk(&mem, ROOT_INO, &dname, FileKind::Directory).await;
-    let file = mk(&mem, ROOT_INO, "a", FileKind::Regular).await;
-    let rename = rename_op(ROOT_INO, "a", dir, "x");
-    request(&node, 0, rename.clone(), 9, 5)
-        .await
-        .expect("rename");
+    let (node, dir, file, rename) = applied_cross_group_rename(&mem).await;
     let cmd = Command {
         version: 1,
         now: None,
