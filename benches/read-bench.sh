@@ -5,7 +5,7 @@
 #   - cold sequential read of it (fresh mount, kernel caches dropped)
 #   - warm re-read (the kernel keeps its pages: the file did not change)
 #   - the same two with --direct-io, and cold with the kernel's default
-#     128 KiB read-ahead and with chunks over gRPC (--grpc-reads), to
+#     128 KiB read-ahead and with chunks over gRPC (--grpc-chunks), to
 #     justify the defaults
 #   - a cold read served by the on-disk cache (fresh mount, same cache)
 #   - the FUSE ceiling: the same bytes from a memory-backed FUSE file
@@ -52,9 +52,9 @@ row "warm re-read (page cache kept)" "$(mibs "$SIZE_MIB" "$r")"
 cmp -s /dev/shm/musicfs-bench.bin "$work/mnt/big.bin" || { echo "read back differs" >&2; exit 1; }
 stop_mount
 
-cold; start_mount_with --grpc-reads
+cold; start_mount_with --grpc-chunks
 r=$(secs dd if="$work/mnt/big.bin" of=/dev/null bs=1M)
-row "cold read, --grpc-reads (chunks over gRPC, not the direct protocol)" "$(mibs "$SIZE_MIB" "$r")"
+row "cold read, --grpc-chunks (chunks over gRPC, not the direct protocol)" "$(mibs "$SIZE_MIB" "$r")"
 stop_mount
 
 cold; start_mount_with --read-ahead-kib 128

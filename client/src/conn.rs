@@ -21,6 +21,7 @@ use proto::storage::{GetChunkRequest, PutChunkRequest};
 use proto::{placement, ChunkId, FORMAT_VERSION, MAX_MESSAGE_BYTES};
 use tonic::transport::Channel;
 
+use crate::direct::DirectPut;
 use crate::error::{ClientError, Result};
 
 #[derive(Clone, Debug)]
@@ -39,9 +40,10 @@ pub struct ClusterConfig {
     pub local_address: Option<std::net::IpAddr>,
     /// TLS credentials and admin token (default: this process's).
     pub transport: proto::transport::Transport,
-    /// Read chunks over the direct protocol where the cluster has no TLS
-    /// (`proto::chunkwire`); off, every chunk read is a gRPC call.
-    pub direct_reads: bool,
+    /// Read and upload chunks over the direct protocol where the cluster
+    /// has no TLS (`proto::chunkwire`); off, every chunk transfer is a gRPC
+    /// call.
+    pub direct_chunks: bool,
 }
 
 impl ClusterConfig {
@@ -53,7 +55,7 @@ impl ClusterConfig {
             attempt_timeout: Duration::from_secs(3),
             local_address: None,
             transport: crate::transport(),
-            direct_reads: true,
+            direct_chunks: true,
         }
     }
 }
@@ -109,7 +111,7 @@ pub struct Cluster {
     /// not per replica): what an import sent after deduplication.
     chunk_bytes_sent: std::sync::atomic::AtomicU64,
     /// Direct chunk reads, when the cluster is reached without TLS.
-    direct: Option<Arc<crate::direct::DirectReads>>,
+    direct: Option<Arc<crate::direct::DirectChunks>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -183,8 +185,8 @@ impl Cluster {
             storage: RwLock::new(Storage::default()),
             answers: Mutex::new(None),
             chunk_bytes_sent: std::sync::atomic::AtomicU64::new(0),
-            direct: (cfg.direct_reads && !cfg.transport.is_tls()).then(|| {
-                Arc::new(crate::direct::DirectReads::new(
+            direct: (cfg.direct_chunks && !cfg.transport.is_tls()).then(|| {
+                Arc::new(crate::direct::DirectChunks::new(
                     cfg.local_address,
                     cfg.rpc_timeout,
                 ))
@@ -778,9 +780,19 @@ impl Cluster {
                 let (node, addr, data) = (*node, addr.clone(), data.clone());
                 waiting.push(node);
                 let client = self.chunk_client(&addr);
+                let direct = self.direct.clone().filter(|d| d.usable(&addr));
                 let tag = tag.as_str();
                 pending.push(async move {
                     let res = async {
+                        if let Some(d) = direct {
+                            match d.put(&addr, &id, &data, tag).await {
+                                DirectPut::Stored(_) => return Ok(()),
+                                DirectPut::Refused(e) => return Err(ClientError::Server(e)),
+                                DirectPut::Unanswered(why) => {
+                                    tracing::debug!(req = %tag, %id, node, error = %why, "direct chunk upload failed; uploading over gRPC");
+                                }
+                            }
+                        }
                         let mut req = tonic::Request::new(PutChunkRequest {
                             chunk_id: Bytes::copy_from_slice(&id.0),
                             data,
@@ -1004,7 +1016,7 @@ enum Fetched {
 /// is given, else (or when the node refuses it) over gRPC.
 async fn fetch(
     client: Result<ChunkServiceClient<Channel>>,
-    direct: Option<Arc<crate::direct::DirectReads>>,
+    direct: Option<Arc<crate::direct::DirectChunks>>,
     addr: &str,
     node: u64,
     id: &ChunkId,

@@ -1,6 +1,6 @@
 //! The client's side of the direct chunk protocol (`proto::chunkwire`):
-//! chunk reads on plain TCP connections to the nodes' gRPC ports, kept
-//! open in a small pool per node.
+//! chunk reads and uploads on plain TCP connections to the nodes' gRPC
+//! ports, kept open in a small pool per node.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,10 +8,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prost::Message;
 use proto::chunkwire::{
-    decode_reply_head, encode_get, HELLO, REPLY_HEAD, STATUS_BAD_REQUEST, STATUS_ERROR,
-    STATUS_NOT_FOUND, STATUS_OK,
+    decode_reply_head, encode_get, encode_put, HELLO, REPLY_HEAD, STATUS_BAD_REQUEST, STATUS_ERROR,
+    STATUS_NOT_FOUND, STATUS_OK, STATUS_REFUSED,
 };
+use proto::meta::Error as WireError;
 use proto::ChunkId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -21,7 +23,7 @@ const IDLE_PER_NODE: usize = 16;
 /// A pooled connection idle longer than this is not reused: the node
 /// closes idle connections after a minute.
 const IDLE_REUSE: Duration = Duration::from_secs(45);
-/// How long direct reads from a node stay off after it answered with
+/// How long direct transfers with a node stay off after it answered with
 /// something other than the protocol (a node of an older version).
 const OFF_FOR: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,7 +41,17 @@ pub enum Direct {
     Refused(String),
 }
 
-pub struct DirectReads {
+/// What one direct upload came to.
+pub enum DirectPut {
+    /// Held durably; true if the node stored it now, false if it had it.
+    Stored(bool),
+    /// The node refused it (a full disk, bytes that do not match the id).
+    Refused(WireError),
+    /// No answer on this protocol: the caller uploads over gRPC.
+    Unanswered(String),
+}
+
+pub struct DirectChunks {
     idle: Mutex<HashMap<String, Vec<(TcpStream, Instant)>>>,
     off: Mutex<HashMap<String, Instant>>,
     local: Option<IpAddr>,
@@ -53,9 +65,9 @@ struct Cut {
     why: String,
 }
 
-impl DirectReads {
+impl DirectChunks {
     pub fn new(local: Option<IpAddr>, timeout: Duration) -> Self {
-        DirectReads {
+        DirectChunks {
             idle: Mutex::new(HashMap::new()),
             off: Mutex::new(HashMap::new()),
             local,
@@ -82,7 +94,7 @@ impl DirectReads {
             .insert(addr.to_string(), Instant::now() + OFF_FOR)
             .is_none()
         {
-            tracing::info!(%addr, why, "direct chunk reads off for this node; using gRPC");
+            tracing::info!(%addr, why, "direct chunk transfers off for this node; using gRPC");
         }
     }
 
@@ -140,18 +152,54 @@ impl DirectReads {
 
     /// Reads chunk `id` from the node at `addr`.
     pub async fn get(&self, addr: &str, id: &ChunkId, tag: &str) -> Direct {
-        let req = encode_get(&id.0, tag);
-        // A pooled connection the node has closed fails before any reply
-        // byte: then once more on a fresh one.
+        match self.request(addr, &encode_get(&id.0, tag), &[]).await {
+            Ok((STATUS_OK, data)) => Direct::Chunk(data),
+            Ok((status, msg)) => {
+                let msg = format!("{addr}: {}", String::from_utf8_lossy(&msg));
+                if status == STATUS_NOT_FOUND {
+                    Direct::NotFound(msg)
+                } else {
+                    Direct::Refused(msg)
+                }
+            }
+            Err(why) => Direct::Refused(why),
+        }
+    }
+
+    /// Uploads chunk `id` (`data`, not checked here: the node verifies it
+    /// against the id) to the node at `addr`.
+    pub async fn put(&self, addr: &str, id: &ChunkId, data: &[u8], tag: &str) -> DirectPut {
+        let Ok(len) = u32::try_from(data.len()) else {
+            return DirectPut::Unanswered(format!("{addr}: chunk of {} bytes", data.len()));
+        };
+        match self.request(addr, &encode_put(&id.0, tag, len), data).await {
+            Ok((STATUS_OK, r)) => DirectPut::Stored(r.first() == Some(&1)),
+            Ok((STATUS_REFUSED, r)) => match WireError::decode(r) {
+                Ok(e) => DirectPut::Refused(e),
+                Err(e) => DirectPut::Unanswered(format!("{addr}: undecodable refusal: {e}")),
+            },
+            Ok((_, msg)) => {
+                DirectPut::Unanswered(format!("{addr}: {}", String::from_utf8_lossy(&msg)))
+            }
+            Err(why) => DirectPut::Unanswered(why),
+        }
+    }
+
+    /// Sends `head` and `body` to `addr` and returns the reply's (status,
+    /// payload), or why there is none. A pooled connection the node has
+    /// closed fails before any reply byte: then once more on a fresh one
+    /// (both requests may be sent twice: a read, and an upload of bytes
+    /// named by their hash).
+    async fn request(&self, addr: &str, head: &[u8], body: &[u8]) -> Result<(u8, Bytes), String> {
         for _ in 0..2 {
             let (mut s, pooled) = match self.take_idle(addr) {
                 Some(s) => (s, true),
                 None => match self.connect(addr).await {
                     Ok(s) => (s, false),
-                    Err(e) => return Direct::Refused(format!("{addr}: {e}")),
+                    Err(e) => return Err(format!("{addr}: {e}")),
                 },
             };
-            let res = tokio::time::timeout(self.timeout, exchange(&mut s, &req))
+            let res = tokio::time::timeout(self.timeout, exchange(&mut s, head, body))
                 .await
                 .unwrap_or_else(|_| {
                     Err(Cut {
@@ -160,22 +208,14 @@ impl DirectReads {
                     })
                 });
             match res {
-                Ok((STATUS_OK, data)) => {
-                    self.put_idle(addr, s);
-                    return Direct::Chunk(data);
-                }
-                Ok((status, msg)) => {
+                Ok((STATUS_BAD_REQUEST, msg)) => {
                     let msg = format!("{addr}: {}", String::from_utf8_lossy(&msg));
-                    if status == STATUS_NOT_FOUND {
-                        self.put_idle(addr, s);
-                        return Direct::NotFound(msg);
-                    }
-                    if status == STATUS_BAD_REQUEST {
-                        self.turn_off(addr, &msg);
-                    } else {
-                        self.put_idle(addr, s);
-                    }
-                    return Direct::Refused(msg);
+                    self.turn_off(addr, &msg);
+                    return Err(msg);
+                }
+                Ok(reply) => {
+                    self.put_idle(addr, s);
+                    return Ok(reply);
                 }
                 Err(c) if pooled && !c.answered => continue,
                 Err(c) => {
@@ -184,27 +224,28 @@ impl DirectReads {
                     if !c.answered && !pooled {
                         self.turn_off(addr, &c.why);
                     }
-                    return Direct::Refused(format!("{addr}: {}", c.why));
+                    return Err(format!("{addr}: {}", c.why));
                 }
             }
         }
-        Direct::Refused(format!("{addr}: connection closed twice"))
+        Err(format!("{addr}: connection closed twice"))
     }
 }
 
 /// Sends one request and reads its reply: (status, payload).
-async fn exchange(s: &mut TcpStream, req: &[u8]) -> Result<(u8, Bytes), Cut> {
+async fn exchange(s: &mut TcpStream, head: &[u8], body: &[u8]) -> Result<(u8, Bytes), Cut> {
     let quiet = |e: std::io::Error| Cut {
         answered: false,
         why: e.to_string(),
     };
-    s.write_all(req).await.map_err(quiet)?;
+    s.write_all(head).await.map_err(quiet)?;
+    s.write_all(body).await.map_err(quiet)?;
     let mut head = [0u8; REPLY_HEAD];
     s.read_exact(&mut head).await.map_err(quiet)?;
     let (status, len) = decode_reply_head(&head);
     let known = matches!(
         status,
-        STATUS_OK | STATUS_NOT_FOUND | STATUS_ERROR | STATUS_BAD_REQUEST
+        STATUS_OK | STATUS_NOT_FOUND | STATUS_ERROR | STATUS_BAD_REQUEST | STATUS_REFUSED
     );
     let limit = if status == STATUS_OK {
         proto::chunkwire::MAX_REPLY_BYTES
@@ -271,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_pooled_connection_is_replaced() {
         let addr = fake_node(b"chunk bytes", 1).await;
-        let d = DirectReads::new(None, Duration::from_secs(5));
+        let d = DirectChunks::new(None, Duration::from_secs(5));
         let id = ChunkId::of(b"chunk bytes");
         for round in 0..3 {
             match d.get(&addr, &id, "1:2").await {
@@ -293,7 +334,7 @@ mod tests {
                 drop(s);
             }
         });
-        let d = DirectReads::new(None, Duration::from_secs(5));
+        let d = DirectChunks::new(None, Duration::from_secs(5));
         let id = ChunkId::of(b"x");
         assert!(matches!(d.get(&addr, &id, "").await, Direct::Refused(_)));
         assert!(!d.usable(&addr), "direct reads stay off for that node");
@@ -311,7 +352,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest).await;
         });
-        let d = DirectReads::new(None, Duration::from_secs(5));
+        let d = DirectChunks::new(None, Duration::from_secs(5));
         assert!(matches!(
             d.get(&addr, &ChunkId::of(b"y"), "").await,
             Direct::Refused(_)

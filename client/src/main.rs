@@ -204,10 +204,10 @@ enum Cmd {
         /// (slower for re-reads; see docs/BENCHMARKS.md).
         #[arg(long)]
         direct_io: bool,
-        /// Read chunks over gRPC only, not over the direct chunk protocol
-        /// (which a cluster without TLS serves on the same port).
-        #[arg(long)]
-        grpc_reads: bool,
+        /// Read and upload chunks over gRPC only, not over the direct chunk
+        /// protocol (which a cluster without TLS serves on the same port).
+        #[arg(long, alias = "grpc-reads")]
+        grpc_chunks: bool,
         /// Serve Prometheus metrics at http://HOST:PORT/metrics.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
@@ -1171,7 +1171,7 @@ async fn run(cli: Cli) -> Result<()> {
             disk_cache_mib,
             read_ahead_kib,
             direct_io,
-            grpc_reads,
+            grpc_chunks,
             metrics_listen,
             views,
         } => {
@@ -1186,7 +1186,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut cfg = ClusterConfig::new(parse_seeds(&cluster)?);
             cfg.deadline = Duration::from_secs(deadline_secs);
             cfg.attempt_timeout = Duration::from_millis(attempt_timeout_ms);
-            cfg.direct_reads = !grpc_reads;
+            cfg.direct_chunks = !grpc_chunks;
             let c = Cluster::connect(cfg)
                 .await
                 .with_context(|| format!("cannot reach the cluster at {cluster}"))?;

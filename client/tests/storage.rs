@@ -509,13 +509,13 @@ async fn scrub_repairs_a_rotten_and_a_missing_replica() {
 /// and reads another replica; with direct reads off, reads still work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn direct_reads_are_verified_and_fall_back_to_grpc() {
-    use musicfs_client::direct::{Direct, DirectReads};
+    use musicfs_client::direct::{Direct, DirectChunks};
     let (c, metrics_addr, fs, files, ids) = replicated_library(17, 3).await;
     let node2 = c.nodes[1].addr.clone();
 
     // Straight from node 2: its bytes, a miss for an unknown id, and the
     // reads counted beside the gRPC calls.
-    let direct = DirectReads::new(None, Duration::from_secs(10));
+    let direct = DirectChunks::new(None, Duration::from_secs(10));
     for id in &ids {
         match direct.get(&node2, id, "1:1").await {
             Direct::Chunk(b) => assert!(id.verify(&b), "node 2 sent other bytes for {id}"),
@@ -560,29 +560,137 @@ async fn direct_reads_are_verified_and_fall_back_to_grpc() {
 
     // Every file reads back whole with direct reads on, and with them off.
     read_back(&*fresh_client(&c).await, &files).await;
-    let seeds = parse_seeds(&c.seeds()).expect("seeds");
-    let mut cfg = musicfs_client::ClusterConfig::new(seeds);
-    cfg.direct_reads = false;
-    let grpc_only = musicfs_client::Cluster::connect(cfg)
-        .await
-        .expect("connect");
+    let grpc_only = grpc_only_cluster(&c).await;
     let before = scrape(&metrics_addr);
     for id in &ids[1..] {
         let got = grpc_only.get_chunk(*id, &[2]).await.expect("gRPC read");
         assert!(id.verify(&got));
     }
-    let count = |text: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("musicfs_rpc_requests_total{method=\"ChunkDirect/Get\",status=\"0\"}")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let count = |text: &str| calls(text, "ChunkDirect/Get", "0");
     assert_eq!(
         count(&before),
         count(&scrape(&metrics_addr)),
         "a client with direct reads off used them"
+    );
+}
+
+/// A client of `c` that moves chunks over gRPC only.
+async fn grpc_only_cluster(c: &TestCluster) -> Arc<musicfs_client::Cluster> {
+    let mut cfg = musicfs_client::ClusterConfig::new(parse_seeds(&c.seeds()).expect("seeds"));
+    cfg.direct_chunks = false;
+    musicfs_client::Cluster::connect(cfg)
+        .await
+        .expect("connect")
+}
+
+/// The count of `method`'s calls that ended with `status` in a node's
+/// metrics.
+fn calls(text: &str, method: &str, status: &str) -> f64 {
+    let key = format!("musicfs_rpc_requests_total{{method=\"{method}\",status=\"{status}\"}}");
+    text.lines()
+        .find(|l| l.starts_with(&key))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Chunk uploads over the direct protocol: a client's writes take it (the
+/// node counts them), the node stores what matches its id durably, with
+/// or without a tail under one block, and refuses what does not with the
+/// error's code; a client with direct transfers off uploads over gRPC;
+/// a length no chunk has is refused and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_uploads_are_verified_and_fall_back_to_grpc() {
+    use musicfs_client::direct::{Direct, DirectChunks, DirectPut};
+    use proto::chunkwire::{decode_reply_head, encode_put, HELLO, REPLY_HEAD, STATUS_BAD_REQUEST};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PUT: &str = "ChunkDirect/Put";
+    let (c, metrics_addr, _fs, _files, _ids) = replicated_library(19, 2).await;
+    let node2 = c.nodes[1].addr.clone();
+    assert!(
+        calls(&scrape(&metrics_addr), PUT, "0") > 0.0,
+        "the library's writes did not upload over the direct protocol"
+    );
+
+    let direct = DirectChunks::new(None, Duration::from_secs(10));
+    for len in [64usize << 10, (1 << 20) + 123, 100] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 977 + len) as u8).collect();
+        let id = ChunkId::of(&data);
+        let first = direct.put(&node2, &id, &data, "1:2").await;
+        assert!(
+            matches!(first, DirectPut::Stored(true)),
+            "first upload of {len} bytes"
+        );
+        let again = direct.put(&node2, &id, &data, "1:3").await;
+        assert!(
+            matches!(again, DirectPut::Stored(false)),
+            "second upload of {len} bytes"
+        );
+        let on_disk = std::fs::read(chunk_path(&c.nodes[1].data, &id)).expect("chunk file");
+        assert!(on_disk == data, "node 2 holds other bytes for {len}");
+        match direct.get(&node2, &id, "").await {
+            Direct::Chunk(b) => assert!(b[..] == data[..], "read back {len} bytes"),
+            Direct::NotFound(m) | Direct::Refused(m) => panic!("read back {len} bytes: {m}"),
+        }
+    }
+
+    // Bytes that do not match the id: refused, nothing stored, and the
+    // protocol stays on (a refusal is an answer).
+    let id = ChunkId::of(b"the bytes the id names");
+    match direct.put(&node2, &id, b"other bytes", "").await {
+        DirectPut::Refused(e) => {
+            assert_eq!(e.code(), proto::meta::ErrorCode::Invalid, "{e:?}")
+        }
+        DirectPut::Stored(_) => panic!("bytes that do not match their id were stored"),
+        DirectPut::Unanswered(m) => panic!("no answer to a mismatched upload: {m}"),
+    }
+    assert!(!chunk_path(&c.nodes[1].data, &id).exists());
+    assert!(direct.usable(&node2));
+    assert!(calls(&scrape(&metrics_addr), PUT, "INVALID") >= 1.0);
+
+    // A client with direct transfers off uploads over gRPC.
+    let grpc_only = grpc_only_cluster(&c).await;
+    let before = scrape(&metrics_addr);
+    let data = Bytes::from(vec![7u8; 300 << 10]);
+    let id = ChunkId::of(&data);
+    let held = grpc_only
+        .put_chunk(id, data.clone())
+        .await
+        .expect("gRPC upload");
+    assert!(
+        held.contains(&2),
+        "node 2 does not hold the upload: {held:?}"
+    );
+    let after = scrape(&metrics_addr);
+    assert_eq!(calls(&before, PUT, "0"), calls(&after, PUT, "0"));
+    assert!(
+        calls(&after, "ChunkService/Put", "0") > calls(&before, "ChunkService/Put", "0"),
+        "{after}"
+    );
+    assert!(std::fs::read(chunk_path(&c.nodes[1].data, &id)).expect("file") == data[..]);
+
+    // A length over the node's limit: refused, and the connection closed
+    // (the bytes after it cannot be framed).
+    let mut s = tokio::net::TcpStream::connect(&node2)
+        .await
+        .expect("connect");
+    s.write_all(&HELLO).await.expect("hello");
+    s.write_all(&encode_put(&[1u8; 16], "", 17 << 20))
+        .await
+        .expect("head");
+    let mut head = [0u8; REPLY_HEAD];
+    s.read_exact(&mut head).await.expect("reply");
+    let (status, len) = decode_reply_head(&head);
+    assert_eq!(status, STATUS_BAD_REQUEST);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the node closes the connection")
+        .expect("read");
+    assert_eq!(
+        rest.len(),
+        len as usize,
+        "{}",
+        String::from_utf8_lossy(&rest)
     );
 }
 

@@ -2,12 +2,13 @@
 //!
 //! One file per chunk in a two-level directory tree (`ab/cd/abcd…`), so no
 //! directory holds more than a few hundred files even at tens of millions of
-//! chunks. A write goes to a temporary file, is fsynced, renamed into place
-//! and the directory fsynced: a chunk is either absent or whole after a crash.
+//! chunks. A write goes to a temporary file (with `O_DIRECT`, see
+//! `aligned`), is fsynced, renamed into place and the directory fsynced: a
+//! chunk is either absent or whole after a crash.
 //! Every read re-hashes the bytes, so bit rot is reported, never served.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -169,12 +170,8 @@ impl ChunkStore {
             .tmp
             .join(format!("{}.{}.{seq}", id.to_hex(), std::process::id()));
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io_err(&tmp))?;
-            f.write_all(data).map_err(io_err(&tmp))?;
+            let (f, direct) = crate::aligned::create_new(&tmp).map_err(io_err(&tmp))?;
+            crate::aligned::write_chunk(&f, direct, data).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
             let dir = path.parent().unwrap_or(&self.root);
             let created = !dir.exists();

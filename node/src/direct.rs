@@ -1,15 +1,17 @@
 //! The node's side of the direct chunk protocol (`proto::chunkwire`): the
 //! listener's connections are sorted by their first byte, gRPC's go to
-//! tonic, direct ones are served here with `sendfile`.
+//! tonic, direct ones are served here: reads with `sendfile`, uploads into
+//! an aligned buffer that the chunk store writes with `O_DIRECT`.
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use proto::chunkwire::{
-    decode_request_head, encode_reply_head, FIRST_BYTE, HELLO, MAX_TAG_LEN, OP_GET, REQUEST_HEAD,
-    STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_NOT_FOUND, STATUS_OK,
+    decode_request_head, encode_reply_head, FIRST_BYTE, HELLO, MAX_TAG_LEN, OP_GET, OP_PUT,
+    REQUEST_HEAD, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_NOT_FOUND, STATUS_OK, STATUS_REFUSED,
 };
 use proto::ChunkId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::aligned::AlignedBuf;
 use crate::chunkstore::{ChunkStore, MAX_CHUNK_BYTES};
 
 // A reply announcing a chunk the client's bound refuses would never be read.
@@ -109,7 +112,7 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
             Ok(Ok(_)) => {}
         }
         let (op, id, tag_len) = decode_request_head(&head);
-        if op != OP_GET || tag_len > MAX_TAG_LEN {
+        if !matches!(op, OP_GET | OP_PUT) || tag_len > MAX_TAG_LEN {
             let msg = format!("unknown request {op} (tag of {tag_len} bytes)");
             stream
                 .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
@@ -122,6 +125,12 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
         let tag = clean_tag(&tag);
         let id = ChunkId(id);
         let start = Instant::now();
+        if op == OP_PUT {
+            if !receive_put(&mut stream, &store, id, &tag).await? {
+                return Ok(());
+            }
+            continue;
+        }
         // The send blocks on the disk when the chunk is not in the page
         // cache: it runs on the blocking pool with the socket in blocking
         // mode, bounded by a send timeout.
@@ -148,6 +157,54 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
             }
         }
     }
+}
+
+/// Reads an upload's length and bytes, stores the chunk and replies.
+/// Returns false when the connection is to be closed (a length no chunk
+/// has: what follows it cannot be framed).
+async fn receive_put(
+    stream: &mut TcpStream,
+    store: &Arc<ChunkStore>,
+    id: ChunkId,
+    tag: &str,
+) -> io::Result<bool> {
+    let start = Instant::now();
+    let mut len = [0u8; 4];
+    tokio::time::timeout(IDLE, stream.read_exact(&mut len)).await??;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_CHUNK_BYTES {
+        let msg = format!("chunk of {len} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit");
+        stream
+            .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
+            .await?;
+        stream.write_all(msg.as_bytes()).await?;
+        crate::metrics::direct_put("invalid", start.elapsed());
+        return Ok(false);
+    }
+    // Straight from the socket to where the disk reads it.
+    let mut buf = AlignedBuf::new(len);
+    tokio::time::timeout(IDLE, stream.read_exact(buf.as_mut_slice())).await??;
+    let store = store.clone();
+    let res = tokio::task::spawn_blocking(move || store.put(&id, buf.as_slice()))
+        .await
+        .map_err(io::Error::other)?;
+    let (status, payload, code) = match res {
+        Ok(stored) => {
+            tracing::debug!(req = %tag, %id, bytes = len, new = stored, "chunk stored");
+            (STATUS_OK, vec![u8::from(stored)], "0")
+        }
+        Err(e) => {
+            tracing::warn!(req = %tag, %id, error = %e, "chunk put refused");
+            let w = crate::service::chunk_error(&e);
+            let code = w.code().as_str_name();
+            (STATUS_REFUSED, w.encode_to_vec(), code)
+        }
+    };
+    let mut out = encode_reply_head(status, payload.len() as u32).to_vec();
+    out.extend_from_slice(&payload);
+    tokio::time::timeout(SEND_TIMEOUT, stream.write_all(&out)).await??;
+    crate::metrics::direct_put(code, start.elapsed());
+    Ok(true)
 }
 
 /// Replies with a status and a message.

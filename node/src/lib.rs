@@ -6,6 +6,7 @@
 // transaction steps inside the service).
 #![recursion_limit = "256"]
 
+pub mod aligned;
 pub mod app;
 pub mod background;
 pub mod check;

@@ -135,6 +135,13 @@ pub fn direct_read(status: &'static str, took: std::time::Duration) {
     metrics::histogram!(RPC_SECONDS, "method" => "ChunkDirect/Get").record(took.as_secs_f64());
 }
 
+/// A chunk upload over the direct protocol, under the method
+/// `ChunkDirect/Put`; `status` is "0" or the refusal's error code.
+pub fn direct_put(status: &'static str, took: std::time::Duration) {
+    metrics::counter!(RPC_REQUESTS, "method" => "ChunkDirect/Put", "status" => status).increment(1);
+    metrics::histogram!(RPC_SECONDS, "method" => "ChunkDirect/Put").record(took.as_secs_f64());
+}
+
 pub fn raft_balance_pass() {
     metrics::counter!(RAFT_BALANCE_PASSES).increment(1);
 }

@@ -238,7 +238,7 @@ pub struct ChunkSvc {
     pub scrub: Arc<Scrub>,
 }
 
-fn chunk_error(e: &ChunkError) -> WireError {
+pub fn chunk_error(e: &ChunkError) -> WireError {
     let code = match e {
         ChunkError::NotFound(_) => ErrorCode::NotFound,
         ChunkError::Corrupt { .. } => ErrorCode::Corrupt,

@@ -5,8 +5,10 @@
 //! the node encodes the chunk into the reply's buffer and the client
 //! gathers HTTP/2 frames into the message before decoding it. On this
 //! protocol the node hands the chunk file to the socket (`sendfile`) and
-//! the client reads it straight into the buffer it keeps. It serves reads
-//! only, and only on clusters without TLS (a TLS connection is gRPC's).
+//! the client reads it straight into the buffer it keeps. A chunk upload
+//! goes from the client's buffer to the socket and from the socket into
+//! the aligned buffer the node writes to disk with `O_DIRECT`. It serves
+//! clusters without TLS only (a TLS connection is gRPC's).
 //!
 //! A node tells the two apart by the first byte a connection sends: the
 //! HTTP/2 preface starts with `P`, a TLS handshake with `0x16`, this
@@ -16,8 +18,14 @@
 //! - Request: op (1 byte, [`OP_GET`]), chunk id (16 bytes), tag length
 //!   (1 byte) and tag (the request tag the node logs, at most
 //!   [`MAX_TAG_LEN`] bytes).
+//! - Upload: the same with op [`OP_PUT`], then the chunk's length (4 bytes,
+//!   big-endian, at most [`MAX_REPLY_BYTES`]) and its bytes.
 //! - Reply: status (1 byte) and length (4 bytes, big-endian), then that
-//!   many bytes: the chunk for [`STATUS_OK`], a UTF-8 message otherwise.
+//!   many bytes: for a read, the chunk for [`STATUS_OK`], a UTF-8 message
+//!   otherwise; for an upload, one byte for [`STATUS_OK`] (1: stored now,
+//!   0: already held), an encoded `musicfs.meta.Error` for
+//!   [`STATUS_REFUSED`] (a full disk, a chunk that does not match its id),
+//!   a UTF-8 message otherwise.
 //!
 //! The reply carries no checksum: the chunk id is the checksum, and the
 //! client verifies every chunk against it.
@@ -28,6 +36,7 @@ pub const HELLO: [u8; 5] = *b"MFSC\x01";
 pub const FIRST_BYTE: u8 = HELLO[0];
 
 pub const OP_GET: u8 = 1;
+pub const OP_PUT: u8 = 2;
 /// Largest payload a reply may announce: no chunk is larger.
 pub const MAX_REPLY_BYTES: u32 = 16 << 20;
 pub const MAX_TAG_LEN: usize = 64;
@@ -44,6 +53,8 @@ pub const STATUS_ERROR: u8 = 2;
 /// A malformed request or an unknown version; the node closes the
 /// connection after it.
 pub const STATUS_BAD_REQUEST: u8 = 3;
+/// An upload the node refused; the payload says why as a wire error.
+pub const STATUS_REFUSED: u8 = 4;
 
 /// A request to read chunk `id`, tagged `tag` (cut to [`MAX_TAG_LEN`]).
 pub fn encode_get(id: &[u8; 16], tag: &str) -> Vec<u8> {
@@ -53,6 +64,15 @@ pub fn encode_get(id: &[u8; 16], tag: &str) -> Vec<u8> {
     out.extend_from_slice(id);
     out.push(tag.len() as u8);
     out.extend_from_slice(tag);
+    out
+}
+
+/// The head of an upload of `len` bytes of chunk `id`, tagged `tag`: the
+/// chunk's bytes follow it.
+pub fn encode_put(id: &[u8; 16], tag: &str, len: u32) -> Vec<u8> {
+    let mut out = encode_get(id, tag);
+    out[0] = OP_PUT;
+    out.extend_from_slice(&len.to_be_bytes());
     out
 }
 
@@ -89,6 +109,10 @@ mod tests {
         let (op, got, tag_len) = decode_request_head(&head);
         assert_eq!((op, got, tag_len), (OP_GET, id, 7));
         assert_eq!(&req[REQUEST_HEAD..], b"00ab:1f");
+        let put = encode_put(&id, "00ab:1f", 5 << 20);
+        assert_eq!(put[0], OP_PUT);
+        assert_eq!(&put[1..REQUEST_HEAD], &req[1..REQUEST_HEAD]);
+        assert_eq!(&put[put.len() - 4..], &(5u32 << 20).to_be_bytes());
         let long = "x".repeat(200);
         assert_eq!(encode_get(&id, &long).len(), REQUEST_HEAD + MAX_TAG_LEN);
         assert_eq!(
