@@ -1163,20 +1163,25 @@ impl Fs {
                     return Ok(data.slice(from as usize..to as usize));
                 }
             }
-            let mut buf = BytesMut::zeroed((end - offset) as usize);
+            // Filled in file order; only holes are zeroed (extents are
+            // sorted and do not overlap).
+            let len = (end - offset) as usize;
+            let mut buf = BytesMut::with_capacity(len);
             for ((e, _), (id, data)) in wanted.iter().zip(fetched) {
                 let s = e.offset.max(offset);
                 let t = layout::extent_end(e).min(end);
                 let from = (e.chunk_offset + (s - e.offset)) as usize;
                 let to = from + (t - s) as usize;
-                if to > data.len() {
+                if to > data.len() || ((s - offset) as usize) < buf.len() {
                     return Err(ClientError::server(
                         ErrorCode::Corrupt,
-                        format!("extent reaches past the end of chunk {id}"),
+                        format!("extent of chunk {id} reaches past the chunk or overlaps another"),
                     ));
                 }
-                buf[(s - offset) as usize..(t - offset) as usize].copy_from_slice(&data[from..to]);
+                buf.resize((s - offset) as usize, 0);
+                buf.extend_from_slice(&data[from..to]);
             }
+            buf.resize(len, 0);
             let st = handle.lock().await;
             if st.version != version {
                 continue;
