@@ -110,8 +110,20 @@ pub struct Cluster {
     /// Bytes of chunk data this client stored (each chunk counted once,
     /// not per replica): what an import sent after deduplication.
     chunk_bytes_sent: std::sync::atomic::AtomicU64,
-    /// Direct chunk reads, when the cluster is reached without TLS.
+    /// Direct chunk transfers, when the cluster is reached without TLS.
     direct: Option<Arc<crate::direct::DirectChunks>>,
+    /// Commands of this client started plus commands ended (see
+    /// [`Self::command_count`]).
+    commands: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a command's end, also when its caller gives up on it.
+struct CommandEnd<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for CommandEnd<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -185,6 +197,7 @@ impl Cluster {
             storage: RwLock::new(Storage::default()),
             answers: Mutex::new(None),
             chunk_bytes_sent: std::sync::atomic::AtomicU64::new(0),
+            commands: std::sync::atomic::AtomicU64::new(0),
             direct: (cfg.direct_chunks && !cfg.transport.is_tls()).then(|| {
                 Arc::new(crate::direct::DirectChunks::new(
                     cfg.local_address,
@@ -612,6 +625,9 @@ impl Cluster {
         group: u32,
         op: proto::meta::command::Op,
     ) -> Result<CommandResult> {
+        self.commands
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _end = CommandEnd(&self.commands);
         // The cluster forgets replies below the oldest id still in flight.
         let acked_below = self
             .in_flight
@@ -646,6 +662,14 @@ impl Cluster {
             tracing::debug!(req = %proto::request_tag(self.client_id, id.seq), group, error = %e, "propose failed");
         }
         res
+    }
+
+    /// Commands of this client started plus commands ended: a caller that
+    /// reads it before and after its own command and finds it grown by
+    /// exactly two knows no other command of this client ran meanwhile,
+    /// and as long as it stays at that value, none has since.
+    pub fn command_count(&self) -> u64 {
+        self.commands.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// This client's id in the cluster's request table.
@@ -788,6 +812,9 @@ impl Cluster {
                             match d.put(&addr, &id, &data, tag).await {
                                 DirectPut::Stored(_) => return Ok(()),
                                 DirectPut::Refused(e) => return Err(ClientError::Server(e)),
+                                DirectPut::Failed(why) => {
+                                    return Err(ClientError::Unavailable(why))
+                                }
                                 DirectPut::Unanswered(why) => {
                                     tracing::debug!(req = %tag, %id, node, error = %why, "direct chunk upload failed; uploading over gRPC");
                                 }

@@ -47,7 +47,11 @@ pub enum DirectPut {
     Stored(bool),
     /// The node refused it (a full disk, bytes that do not match the id).
     Refused(WireError),
-    /// No answer on this protocol: the caller uploads over gRPC.
+    /// The node took the request and then failed or did not answer in
+    /// time: the replica failed, as a gRPC upload would have.
+    Failed(String),
+    /// No answer on this protocol (a node without it): the caller
+    /// uploads over gRPC.
     Unanswered(String),
 }
 
@@ -75,7 +79,7 @@ impl DirectChunks {
         }
     }
 
-    /// False while direct reads from `addr` are off.
+    /// False while direct transfers with `addr` are off.
     pub fn usable(&self, addr: &str) -> bool {
         let mut off = self.off.lock().unwrap_or_else(|e| e.into_inner());
         match off.get(addr) {
@@ -162,7 +166,7 @@ impl DirectChunks {
                     Direct::Refused(msg)
                 }
             }
-            Err(why) => Direct::Refused(why),
+            Err(n) => Direct::Refused(n.why),
         }
     }
 
@@ -178,10 +182,11 @@ impl DirectChunks {
                 Ok(e) => DirectPut::Refused(e),
                 Err(e) => DirectPut::Unanswered(format!("{addr}: undecodable refusal: {e}")),
             },
-            Ok((_, msg)) => {
-                DirectPut::Unanswered(format!("{addr}: {}", String::from_utf8_lossy(&msg)))
-            }
-            Err(why) => DirectPut::Unanswered(why),
+            Ok((_, msg)) => DirectPut::Failed(format!("{addr}: {}", String::from_utf8_lossy(&msg))),
+            // A slow or failing node: sending the chunk again over gRPC
+            // would only wait as long once more.
+            Err(n) if n.answered => DirectPut::Failed(n.why),
+            Err(n) => DirectPut::Unanswered(n.why),
         }
     }
 
@@ -190,13 +195,14 @@ impl DirectChunks {
     /// closed fails before any reply byte: then once more on a fresh one
     /// (both requests may be sent twice: a read, and an upload of bytes
     /// named by their hash).
-    async fn request(&self, addr: &str, head: &[u8], body: &[u8]) -> Result<(u8, Bytes), String> {
+    async fn request(&self, addr: &str, head: &[u8], body: &[u8]) -> Result<(u8, Bytes), NoReply> {
+        let fail = |answered: bool, why: String| NoReply { answered, why };
         for _ in 0..2 {
             let (mut s, pooled) = match self.take_idle(addr) {
                 Some(s) => (s, true),
                 None => match self.connect(addr).await {
                     Ok(s) => (s, false),
-                    Err(e) => return Err(format!("{addr}: {e}")),
+                    Err(e) => return Err(fail(false, format!("{addr}: {e}"))),
                 },
             };
             let res = tokio::time::timeout(self.timeout, exchange(&mut s, head, body))
@@ -211,7 +217,7 @@ impl DirectChunks {
                 Ok((STATUS_BAD_REQUEST, msg)) => {
                     let msg = format!("{addr}: {}", String::from_utf8_lossy(&msg));
                     self.turn_off(addr, &msg);
-                    return Err(msg);
+                    return Err(fail(false, msg));
                 }
                 Ok(reply) => {
                     self.put_idle(addr, s);
@@ -224,12 +230,20 @@ impl DirectChunks {
                     if !c.answered && !pooled {
                         self.turn_off(addr, &c.why);
                     }
-                    return Err(format!("{addr}: {}", c.why));
+                    return Err(fail(c.answered, format!("{addr}: {}", c.why)));
                 }
             }
         }
-        Err(format!("{addr}: connection closed twice"))
+        Err(fail(false, format!("{addr}: connection closed twice")))
     }
+}
+
+/// A request without a usable reply.
+struct NoReply {
+    /// The node answered in part or not in time: it speaks the protocol
+    /// and failed this request.
+    answered: bool,
+    why: String,
 }
 
 /// Sends one request and reads its reply: (status, payload).
@@ -338,6 +352,61 @@ mod tests {
         let id = ChunkId::of(b"x");
         assert!(matches!(d.get(&addr, &id, "").await, Direct::Refused(_)));
         assert!(!d.usable(&addr), "direct reads stay off for that node");
+    }
+
+    /// A node that takes every request (an upload's body included) and
+    /// never answers.
+    async fn silent_node() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_upload_a_node_takes_and_never_answers_fails_the_replica() {
+        let addr = silent_node().await;
+        let d = DirectChunks::new(None, Duration::from_millis(300));
+        let data = vec![5u8; 100 << 10];
+        match d.put(&addr, &ChunkId::of(&data), &data, "").await {
+            DirectPut::Failed(why) => assert!(why.contains("no reply"), "{why}"),
+            DirectPut::Stored(_) => panic!("stored without an answer"),
+            DirectPut::Refused(e) => panic!("refused: {e:?}"),
+            // Sending it again over gRPC would wait as long once more.
+            DirectPut::Unanswered(why) => panic!("handed to gRPC: {why}"),
+        }
+        assert!(d.usable(&addr), "a slow node still speaks the protocol");
+    }
+
+    #[tokio::test]
+    async fn an_upload_to_a_node_without_the_protocol_goes_to_grpc() {
+        // A node that knows reads only: it refuses the upload's op.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut head = [0u8; HELLO.len() + REQUEST_HEAD];
+            s.read_exact(&mut head).await.expect("head");
+            let msg = b"unknown request 2";
+            let _ = s
+                .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
+                .await;
+            let _ = s.write_all(msg).await;
+        });
+        let d = DirectChunks::new(None, Duration::from_secs(5));
+        let data = b"tag chunk".to_vec();
+        assert!(matches!(
+            d.put(&addr, &ChunkId::of(&data), &data, "").await,
+            DirectPut::Unanswered(_)
+        ));
+        assert!(!d.usable(&addr), "direct transfers stay off for that node");
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -389,6 +390,13 @@ pub struct Fs {
     readahead_max: u64,
     /// Bytes buffered by all open files (`CLIENT_DIRTY_BYTES`).
     dirty_bytes: Arc<AtomicUsize>,
+    /// The directory this client last created an entry in, its attributes
+    /// after that create, when, and `Cluster::command_count` then. The
+    /// kernel drops a directory's attributes after each create in it and
+    /// asks for them before the next (to check permissions):
+    /// `getattr_within` answers that from here while no other command of
+    /// this client has run since.
+    created_in: Mutex<Option<(u64, Attr, Instant, u64)>>,
 }
 
 /// Most files whose kernel-cached version a mount remembers; past it the
@@ -435,6 +443,7 @@ impl Fs {
             kernel_versions: Mutex::new(HashMap::new()),
             readahead_max: (cache_bytes as u64 / 4).clamp(READAHEAD_MIN, READAHEAD_MAX),
             dirty_bytes: Arc::new(AtomicUsize::new(0)),
+            created_in: Mutex::new(None),
         });
         // Checkpoint slow writers at a quarter of the commit window; the
         // task ends when the file system is dropped.
@@ -644,6 +653,7 @@ impl Fs {
     ) -> Result<Attr> {
         Self::writable(&[parent])?;
         Self::check_name(name)?;
+        let before = self.cluster.command_count();
         let r = self
             .cluster
             .propose(
@@ -662,7 +672,31 @@ impl Fs {
             .await?;
         let a = Self::attr_of(r.attr)?;
         self.saw(a.ino, parent, name);
+        let after = self.cluster.command_count();
+        // Only when this create was the client's one command meanwhile:
+        // another may have changed the directory after it.
+        *lock(&self.created_in) = match r.parent_attr {
+            Some(p) if after == before + 2 => Some((parent, p, Instant::now(), after)),
+            _ => None,
+        };
         Ok(a)
+    }
+
+    /// `getattr`, answered without a round trip for the directory this
+    /// client just created an entry in: its attributes from that create's
+    /// reply, younger than `ttl` (the attribute time the kernel caches
+    /// for), while no other command of this client has run since.
+    pub async fn getattr_within(&self, ino: u64, ttl: Duration) -> Result<Attr> {
+        let recent = lock(&self.created_in)
+            .as_ref()
+            .and_then(|(dir, a, at, count)| {
+                (*dir == ino && at.elapsed() < ttl && *count == self.cluster.command_count())
+                    .then_some(*a)
+            });
+        match recent {
+            Some(a) => Ok(self.local_view(a).await),
+            None => self.getattr(ino).await,
+        }
     }
 
     /// Creates many entries in one directory (see `create_entries`).
@@ -1548,6 +1582,12 @@ impl Fs {
         let files: Vec<Arc<AsyncMutex<FileState>>> = lock(&self.files).values().cloned().collect();
         for f in files {
             let Ok(mut st) = f.try_lock() else { continue };
+            // A background store that ended after the file's last write
+            // is taken here, so its chunks are committed within the
+            // window too, not at the next write or the close.
+            if let Err(e) = self.collect_stores(&mut st, usize::MAX).await {
+                tracing::warn!(ino = st.ino, error = %e, "storing spilled chunks failed");
+            }
             if st.pending_since.is_some_and(|t| t.elapsed() >= older_than) {
                 if let Err(e) = self.commit(&mut st).await {
                     tracing::warn!(ino = st.ino, error = %e, "checkpoint commit failed");

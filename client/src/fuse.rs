@@ -225,7 +225,7 @@ impl Filesystem for MusicFuse {
         let ttl = self.ttl;
         let fs = self.fs.clone();
         self.spawn("getattr", async move {
-            match fs.getattr(ino.0).await {
+            match fs.getattr_within(ino.0, ttl).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("getattr", &e)),
             }

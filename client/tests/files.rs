@@ -386,3 +386,69 @@ async fn a_rewrite_bigger_than_the_buffer_is_cut_as_a_whole_file() {
     // Only the first chunk (or two, where FastCDC finds its way back) is new.
     assert!(sent < 8 << 20, "{sent} bytes sent for a 100-byte shift");
 }
+
+async fn make(fs: &Fs, parent: u64, name: &str, kind: FileKind) -> proto::meta::Attr {
+    fs.create(parent, name.as_bytes(), kind, 0o755, 0, 0, 0, b"")
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"))
+}
+
+/// The kernel asks for a directory's attributes after every create in it
+/// (its cached ones are dropped): the client answers from the create's
+/// reply, without a round trip (it answers with every node down), and
+/// asks the cluster once another command of this client ran or the
+/// attribute time ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_stat_after_a_create_is_the_create_s_answer() {
+    let mut c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let fs = client(&c).await;
+    let other = client(&c).await;
+    let ttl = Duration::from_secs(60);
+    let d = make(&fs, proto::ROOT_INO, "album", FileKind::Directory).await;
+
+    // After a create: the directory as the cluster has it now.
+    make(&fs, d.ino, "01.flac", FileKind::Regular).await;
+    let server = fs.getattr(d.ino).await.expect("stat");
+    let fresh = fs.getattr_within(d.ino, ttl).await.expect("stat");
+    assert_eq!(
+        fresh, server,
+        "the create's answer is not the directory now"
+    );
+    assert_ne!(
+        server.mtime, d.mtime,
+        "the create did not touch the directory"
+    );
+
+    // Another command of this client (an unlink in it): asked again.
+    fs.remove(d.ino, b"01.flac", false).await.expect("unlink");
+    let server = fs.getattr(d.ino).await.expect("stat");
+    assert_eq!(fs.getattr_within(d.ino, ttl).await.expect("stat"), server);
+
+    // Another client's create is seen once the attribute time is over
+    // (here at once: a zero time).
+    make(&fs, d.ino, "02.flac", FileKind::Regular).await;
+    make(&other, d.ino, "03.flac", FileKind::Regular).await;
+    let server = other.getattr(d.ino).await.expect("stat");
+    let zero = fs
+        .getattr_within(d.ino, Duration::ZERO)
+        .await
+        .expect("stat");
+    assert_eq!(zero, server, "a zero attribute time served a cached answer");
+
+    // No round trip: with every node down the answer still comes.
+    let last = make(&fs, d.ino, "04.flac", FileKind::Regular).await;
+    let server = fs.getattr(d.ino).await.expect("stat");
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let got = tokio::time::timeout(Duration::from_secs(5), fs.getattr_within(d.ino, ttl))
+        .await
+        .expect("the stat waited on the cluster")
+        .expect("stat");
+    assert_eq!(got, server);
+    assert_eq!(
+        got.mtime, last.ctime,
+        "the directory's time is the create's"
+    );
+}

@@ -641,7 +641,9 @@ async fn direct_uploads_are_verified_and_fall_back_to_grpc() {
             assert_eq!(e.code(), proto::meta::ErrorCode::Invalid, "{e:?}")
         }
         DirectPut::Stored(_) => panic!("bytes that do not match their id were stored"),
-        DirectPut::Unanswered(m) => panic!("no answer to a mismatched upload: {m}"),
+        DirectPut::Unanswered(m) | DirectPut::Failed(m) => {
+            panic!("no answer to a mismatched upload: {m}")
+        }
     }
     assert!(!chunk_path(&c.nodes[1].data, &id).exists());
     assert!(direct.usable(&node2));

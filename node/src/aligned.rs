@@ -16,7 +16,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 /// Alignment of `O_DIRECT` buffers, offsets and lengths: the page size,
-/// which covers every logical block size a disk reports.
+/// a multiple of the logical block size of the disks in use (512 or 4096
+/// bytes). A device that wants more refuses the write with `EINVAL`, and
+/// the chunk is written buffered.
 pub const ALIGN: usize = 4096;
 /// Buffers kept for reuse: a new buffer costs the kernel a page fault and
 /// a page clear for every 4 KiB the first time it is touched.
@@ -79,16 +81,19 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Opens `path` as a new file for writing, with `O_DIRECT` where the file
-/// system allows it (tmpfs does not). Returns the file and whether it is
-/// direct.
+/// Creates `path` as a new file for writing, switched to `O_DIRECT` where
+/// the file system allows it (tmpfs before Linux 6.6 does not). Returns
+/// the file and whether it is direct.
 pub fn create_new(path: &std::path::Path) -> io::Result<(File, bool)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    match o.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => Ok((f, true)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((o.open(path)?, false)),
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    // Switched after the create: an open with O_DIRECT that the file
+    // system refuses has created the file already.
+    match set_direct(&f, true) {
+        Ok(()) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((f, false)),
         Err(e) => Err(e),
     }
 }

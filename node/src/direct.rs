@@ -24,12 +24,20 @@ use crate::chunkstore::{ChunkStore, MAX_CHUNK_BYTES};
 
 // A reply announcing a chunk the client's bound refuses would never be read.
 const _: () = assert!(MAX_CHUNK_BYTES <= proto::chunkwire::MAX_REPLY_BYTES as usize);
+// The largest upload fits the budget, so its permits can always be had.
+const _: () = assert!(MAX_CHUNK_BYTES <= UPLOAD_BUDGET_MIB << 20);
 
 /// How long a new connection may take to send its first byte, and a direct
 /// connection to send its next request, before it is closed.
 const IDLE: Duration = Duration::from_secs(60);
 /// How long one reply may wait on a client that does not read.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Memory all direct uploads of a node may hold at once, in MiB: an
+/// upload's buffer is taken before its bytes arrive, so a client that
+/// announces chunks and sends nothing must not make the node allocate
+/// without bound. Uploads past it wait.
+const UPLOAD_BUDGET_MIB: usize = 256;
+static UPLOAD_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UPLOAD_BUDGET_MIB);
 
 /// Accepts connections on `listener` and returns the gRPC ones as a stream
 /// for tonic. With `direct` (a cluster without TLS), connections that open
@@ -181,13 +189,29 @@ async fn receive_put(
         crate::metrics::direct_put("invalid", start.elapsed());
         return Ok(false);
     }
+    let mib = len.div_ceil(1 << 20).max(1) as u32;
+    let _budget = UPLOAD_BUDGET
+        .acquire_many(mib)
+        .await
+        .map_err(io::Error::other)?;
     // Straight from the socket to where the disk reads it.
     let mut buf = AlignedBuf::new(len);
     tokio::time::timeout(IDLE, stream.read_exact(buf.as_mut_slice())).await??;
     let store = store.clone();
-    let res = tokio::task::spawn_blocking(move || store.put(&id, buf.as_slice()))
-        .await
-        .map_err(io::Error::other)?;
+    let res = match tokio::task::spawn_blocking(move || store.put(&id, buf.as_slice())).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Said before the connection closes: a silent close would
+            // read as a node without the protocol.
+            let msg = format!("storing chunk {id} failed: {e}");
+            let _ = stream
+                .write_all(&encode_reply_head(STATUS_ERROR, msg.len() as u32))
+                .await;
+            let _ = stream.write_all(msg.as_bytes()).await;
+            crate::metrics::direct_put("internal", start.elapsed());
+            return Err(io::Error::other(msg));
+        }
+    };
     let (status, payload, code) = match res {
         Ok(stored) => {
             tracing::debug!(req = %tag, %id, bytes = len, new = stored, "chunk stored");

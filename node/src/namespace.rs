@@ -912,9 +912,11 @@ impl Namespace {
                     None
                 }
             };
-            if let Some(r) = r {
+            if let Some(mut r) = r {
                 let w = sub.into_writes();
                 txn.writes.extend(w);
+                // A batch's replies stay small: no parent per entry.
+                r.parent_attr = None;
                 out.results.push(r);
             }
         }
@@ -1080,6 +1082,7 @@ impl Namespace {
         );
         Ok(CommandResult {
             attr: rec.attr,
+            parent_attr: parent.attr,
             ..Default::default()
         })
     }
