@@ -224,10 +224,12 @@ async fn receive_put(
             (STATUS_REFUSED, w.encode_to_vec(), code)
         }
     };
+    // Counted before the reply: a client that has its answer finds the
+    // upload in the node's metrics.
+    crate::metrics::direct_put(code, start.elapsed());
     let mut out = encode_reply_head(status, payload.len() as u32).to_vec();
     out.extend_from_slice(&payload);
     tokio::time::timeout(SEND_TIMEOUT, stream.write_all(&out)).await??;
-    crate::metrics::direct_put(code, start.elapsed());
     Ok(true)
 }
 
