@@ -186,7 +186,7 @@ async fn receive_put(
             .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
             .await?;
         stream.write_all(msg.as_bytes()).await?;
-        crate::metrics::direct_put("invalid", start.elapsed());
+        crate::metrics::direct_put("INVALID", start.elapsed());
         return Ok(false);
     }
     let mib = len.div_ceil(1 << 20).max(1) as u32;
@@ -208,7 +208,7 @@ async fn receive_put(
                 .write_all(&encode_reply_head(STATUS_ERROR, msg.len() as u32))
                 .await;
             let _ = stream.write_all(msg.as_bytes()).await;
-            crate::metrics::direct_put("internal", start.elapsed());
+            crate::metrics::direct_put("INTERNAL", start.elapsed());
             return Err(io::Error::other(msg));
         }
     };
