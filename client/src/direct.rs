@@ -294,11 +294,17 @@ mod tests {
     use proto::chunkwire::{encode_reply_head, REQUEST_HEAD};
     use tokio::net::TcpListener;
 
+    /// A listener on a free loopback port, and its address.
+    async fn listener() -> (TcpListener, String) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        (l, addr)
+    }
+
     /// A node that serves `data` for any id, `replies` times per
     /// connection, then closes the connection.
     async fn fake_node(data: &'static [u8], replies: usize) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
+        let (l, addr) = listener().await;
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 tokio::spawn(async move {
@@ -341,8 +347,7 @@ mod tests {
     async fn a_node_without_the_protocol_turns_it_off() {
         // Accepts and closes at once, as a node without the protocol
         // closes a connection that does not start with HTTP/2's preface.
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
+        let (l, addr) = listener().await;
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 drop(s);
@@ -357,8 +362,7 @@ mod tests {
     /// A node that takes every request (an upload's body included) and
     /// never answers.
     async fn silent_node() -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
+        let (l, addr) = listener().await;
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 tokio::spawn(async move {
@@ -388,8 +392,7 @@ mod tests {
     #[tokio::test]
     async fn an_upload_to_a_node_without_the_protocol_goes_to_grpc() {
         // A node that knows reads only: it refuses the upload's op.
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
+        let (l, addr) = listener().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut head = [0u8; HELLO.len() + REQUEST_HEAD];
@@ -411,8 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_longer_than_any_chunk_is_refused() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
+        let (l, addr) = listener().await;
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut buf = [0u8; 64];

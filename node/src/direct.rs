@@ -103,11 +103,7 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
     let mut hello = [0u8; HELLO.len()];
     tokio::time::timeout(IDLE, stream.read_exact(&mut hello)).await??;
     if hello != HELLO {
-        let msg = b"unknown protocol version";
-        stream
-            .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
-            .await?;
-        stream.write_all(msg).await?;
+        send_reply(&mut stream, STATUS_BAD_REQUEST, b"unknown protocol version").await?;
         return Ok(());
     }
     loop {
@@ -122,10 +118,7 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
         let (op, id, tag_len) = decode_request_head(&head);
         if !matches!(op, OP_GET | OP_PUT) || tag_len > MAX_TAG_LEN {
             let msg = format!("unknown request {op} (tag of {tag_len} bytes)");
-            stream
-                .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
-                .await?;
-            stream.write_all(msg.as_bytes()).await?;
+            send_reply(&mut stream, STATUS_BAD_REQUEST, msg.as_bytes()).await?;
             return Ok(());
         }
         let mut tag = vec![0u8; tag_len];
@@ -182,10 +175,7 @@ async fn receive_put(
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_CHUNK_BYTES {
         let msg = format!("chunk of {len} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit");
-        stream
-            .write_all(&encode_reply_head(STATUS_BAD_REQUEST, msg.len() as u32))
-            .await?;
-        stream.write_all(msg.as_bytes()).await?;
+        send_reply(stream, STATUS_BAD_REQUEST, msg.as_bytes()).await?;
         crate::metrics::direct_put("INVALID", start.elapsed());
         return Ok(false);
     }
@@ -204,10 +194,7 @@ async fn receive_put(
             // Said before the connection closes: a silent close would
             // read as a node without the protocol.
             let msg = format!("storing chunk {id} failed: {e}");
-            let _ = stream
-                .write_all(&encode_reply_head(STATUS_ERROR, msg.len() as u32))
-                .await;
-            let _ = stream.write_all(msg.as_bytes()).await;
+            let _ = send_reply(stream, STATUS_ERROR, msg.as_bytes()).await;
             crate::metrics::direct_put("INTERNAL", start.elapsed());
             return Err(io::Error::other(msg));
         }
@@ -227,10 +214,16 @@ async fn receive_put(
     // Counted before the reply: a client that has its answer finds the
     // upload in the node's metrics.
     crate::metrics::direct_put(code, start.elapsed());
-    let mut out = encode_reply_head(status, payload.len() as u32).to_vec();
-    out.extend_from_slice(&payload);
-    tokio::time::timeout(SEND_TIMEOUT, stream.write_all(&out)).await??;
+    tokio::time::timeout(SEND_TIMEOUT, send_reply(stream, status, &payload)).await??;
     Ok(true)
+}
+
+/// Sends a reply of `status` carrying `payload` (a message, or an
+/// upload's answer) in one write.
+async fn send_reply(stream: &mut TcpStream, status: u8, payload: &[u8]) -> io::Result<()> {
+    let mut out = encode_reply_head(status, payload.len() as u32).to_vec();
+    out.extend_from_slice(payload);
+    stream.write_all(&out).await
 }
 
 /// Replies with a status and a message.
