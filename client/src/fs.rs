@@ -289,6 +289,24 @@ async fn finish_store(st: &mut FileState, task: tokio::task::JoinHandle<Result<S
     }
 }
 
+/// Puts a write into the file's buffer (not yet counted against the
+/// client's bound: `count_dirty`).
+fn buffer_write(st: &mut FileState, offset: u64, data: &[u8]) -> Result<()> {
+    let end = offset
+        .checked_add(data.len() as u64)
+        .filter(|e| *e <= 16 << 40)
+        .ok_or_else(|| {
+            ClientError::server(ErrorCode::FileTooBig, "write beyond the maximum file size")
+        })?;
+    st.dirty.write(offset, data);
+    st.version += 1;
+    st.size = st.size.max(end);
+    st.modified = true;
+    st.written = true;
+    st.mtime = Some(Timespec::now());
+    Ok(())
+}
+
 /// Asks the index which of `chunks` it has (dedup) and uploads the rest
 /// to their placement.
 async fn store_chunks(cluster: Arc<Cluster>, chunks: Vec<(ChunkId, Bytes)>) -> Result<Stored> {
@@ -1336,18 +1354,7 @@ impl Fs {
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let st = self.handle(fh)?;
         let mut st = st.lock().await;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= 16 << 40)
-            .ok_or_else(|| {
-                ClientError::server(ErrorCode::FileTooBig, "write beyond the maximum file size")
-            })?;
-        st.dirty.write(offset, data);
-        st.version += 1;
-        st.size = st.size.max(end);
-        st.modified = true;
-        st.written = true;
-        st.mtime = Some(Timespec::now());
+        buffer_write(&mut st, offset, data)?;
         let client_total = st.count_dirty();
         let buffered = st.dirty.bytes();
         if client_total > CLIENT_DIRTY_BYTES {
@@ -1364,6 +1371,29 @@ impl Fs {
             self.collect_stores(&mut st, usize::MAX).await?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// A write's fast path, for the thread that took the request: buffers
+    /// it at once when the file is not busy and the write leaves nothing
+    /// to spill, collect or wait for. `Ok(None)`: nothing was done, the
+    /// caller goes through `write`. A sequential writer waits on the
+    /// kernel's reply to each request, so a hand-over to another thread
+    /// per request is time it spends idle.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Result<Option<u32>> {
+        let handle = self.handle(fh)?;
+        let Ok(mut st) = handle.try_lock() else {
+            return Ok(None);
+        };
+        let len = data.len();
+        if st.dirty.bytes() + len >= SPILL_BYTES
+            || st.client_dirty.load(Ordering::Relaxed) + len > CLIENT_DIRTY_BYTES
+            || st.unstored.tasks.front().is_some_and(|t| t.is_finished())
+        {
+            return Ok(None);
+        }
+        buffer_write(&mut st, offset, data)?;
+        st.count_dirty();
+        Ok(Some(len as u32))
     }
 
     /// Cuts buffered writes into chunks, places them in the working layout
@@ -1397,11 +1427,19 @@ impl Fs {
             }
         };
         st.version += 1;
+        // The cut is done: the runs are this function's alone again.
+        let mut runs = Arc::try_unwrap(runs).unwrap_or_else(|shared| (*shared).clone());
         let mut fresh = Vec::new();
-        for mut cut in cuts {
+        for (i, mut cut) in cuts.into_iter().enumerate() {
             if !all && cut.len() > 1 {
                 if let Some(last) = cut.pop() {
-                    st.dirty.write(last.file_offset, &last.data);
+                    // The run's own buffer carries its tail on: its pages
+                    // are mapped already for the appends that follow.
+                    let (off, mut run) = std::mem::take(&mut runs[i]);
+                    let from = (last.file_offset - off) as usize;
+                    run.copy_within(from.., 0);
+                    run.truncate(run.len() - from);
+                    st.dirty.put_run(last.file_offset, run);
                 }
             }
             for c in cut {

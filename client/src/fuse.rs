@@ -524,6 +524,15 @@ impl Filesystem for MusicFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let start = std::time::Instant::now();
+        match self.fs.write_now(fh.0, offset, data) {
+            Ok(Some(n)) => {
+                crate::metrics::fuse_op("write", start.elapsed().as_secs_f64());
+                return reply.written(n);
+            }
+            Ok(None) => {}
+            Err(e) => return reply.error(errno("write", &e)),
+        }
         let (fs, data) = (self.fs.clone(), data.to_vec());
         self.spawn("write", async move {
             match fs.write(fh.0, offset, &data).await {

@@ -118,6 +118,23 @@ impl DirtyRuns {
         self.runs.insert(start, merged);
     }
 
+    /// Adds a run whose buffer the caller hands over: kept as it is when
+    /// nothing buffered touches it (no copy, and its pages stay mapped
+    /// for the appends that follow), merged like a write otherwise.
+    pub fn put_run(&mut self, offset: u64, run: Vec<u8>) {
+        let end = offset + run.len() as u64;
+        let touches = self
+            .runs
+            .range(..=end)
+            .next_back()
+            .is_some_and(|(&o, r)| o + r.len() as u64 >= offset);
+        if touches || run.is_empty() {
+            return self.write(offset, &run);
+        }
+        self.bytes += run.len();
+        self.runs.insert(offset, run);
+    }
+
     /// Drops everything at or beyond `size`.
     pub fn truncate(&mut self, size: u64) {
         let beyond: Vec<u64> = self.runs.range(size..).map(|(&o, _)| o).collect();
@@ -301,6 +318,25 @@ mod tests {
         d.overlay_onto(0, &mut buf);
         assert_eq!(&buf, b"X0123...");
         assert_eq!(d.bytes(), 5);
+    }
+
+    #[test]
+    fn a_handed_over_run_is_kept_or_merged() {
+        let mut d = DirtyRuns::default();
+        d.write(10, b"abc");
+        // Apart from every run: kept as handed over, appends go onto it.
+        let mut run = Vec::with_capacity(64);
+        run.extend_from_slice(b"xy");
+        let at = run.as_ptr();
+        d.put_run(20, run);
+        d.write(22, b"z");
+        assert_eq!(d.runs[&20].as_ptr(), at);
+        // Touching a run: merged with it, newer bytes over older ones.
+        d.put_run(12, b"CDE".to_vec());
+        assert_eq!(d.bytes(), 5 + 3);
+        let mut buf = vec![b'.'; 24];
+        d.overlay_onto(0, &mut buf);
+        assert_eq!(&buf, b"..........abCDE.....xyz.");
     }
 
     #[test]
