@@ -90,13 +90,7 @@ impl DirtyRuns {
                 return;
             }
         }
-        // Collect every run that overlaps or touches [offset, end).
-        let touching: Vec<u64> = self
-            .runs
-            .range(..=end)
-            .filter(|(&o, r)| o + r.len() as u64 >= offset)
-            .map(|(&o, _)| o)
-            .collect();
+        let touching = self.touching(offset, end);
         let mut start = offset;
         let mut stop = end;
         for o in &touching {
@@ -122,17 +116,20 @@ impl DirtyRuns {
     /// nothing buffered touches it (no copy, and its pages stay mapped
     /// for the appends that follow), merged like a write otherwise.
     pub fn put_run(&mut self, offset: u64, run: Vec<u8>) {
-        let end = offset + run.len() as u64;
-        let touches = self
-            .runs
-            .range(..=end)
-            .next_back()
-            .is_some_and(|(&o, r)| o + r.len() as u64 >= offset);
-        if touches || run.is_empty() {
+        if run.is_empty() || !self.touching(offset, offset + run.len() as u64).is_empty() {
             return self.write(offset, &run);
         }
         self.bytes += run.len();
         self.runs.insert(offset, run);
+    }
+
+    /// Offsets of the runs that overlap or touch `[offset, end)`.
+    fn touching(&self, offset: u64, end: u64) -> Vec<u64> {
+        self.runs
+            .range(..=end)
+            .filter(|(&o, r)| o + r.len() as u64 >= offset)
+            .map(|(&o, _)| o)
+            .collect()
     }
 
     /// Drops everything at or beyond `size`.
