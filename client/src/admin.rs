@@ -14,6 +14,7 @@ use proto::meta::StorageState;
 use serde::Serialize;
 
 use crate::error::{ClientError, Result};
+use crate::{out, outln};
 
 /// Parses `1=HOST:PORT,2=HOST:PORT,...`.
 pub fn parse_peers(s: &str) -> Result<Vec<Peer>> {
@@ -287,14 +288,22 @@ pub fn node_list(v: &ClusterView) -> Vec<NodeListEntry> {
 }
 
 pub fn print_node_list(list: &[NodeListEntry]) {
-    println!(
+    outln!(
         "{:>4}  {:<22} {:<17} {:<9} {:<4} {:>8} {:>10} {:>10} {:>5}  VERSION",
-        "NODE", "ADDRESS", "ROLE", "STATE", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS"
+        "NODE",
+        "ADDRESS",
+        "ROLE",
+        "STATE",
+        "UP",
+        "CHUNKS",
+        "BYTES",
+        "DISK FREE",
+        "LEADS"
     );
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |b| b.to_string());
     let bytes = |v: Option<u64>| v.map_or_else(|| "-".to_string(), human);
     for n in list {
-        println!(
+        outln!(
             "{:>4}  {:<22} {:<17} {:<9} {:<4} {:>8} {:>10} {:>10} {:>5}  {}",
             n.id,
             n.address,
@@ -589,20 +598,27 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
 
 pub fn print_status(v: &ClusterView) {
     if v.healthy {
-        println!("cluster {}: HEALTHY", v.cluster_id);
+        outln!("cluster {}: HEALTHY", v.cluster_id);
     } else {
-        println!("cluster {}: DEGRADED", v.cluster_id);
+        outln!("cluster {}: DEGRADED", v.cluster_id);
         for p in &v.problems {
-            println!("  ! {p}");
+            outln!("  ! {p}");
         }
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}  VERSION",
-        "NODE", "ADDRESS", "UP", "CHUNKS", "BYTES", "DISK FREE", "LEADS", "LAG"
+        "NODE",
+        "ADDRESS",
+        "UP",
+        "CHUNKS",
+        "BYTES",
+        "DISK FREE",
+        "LEADS",
+        "LAG"
     );
     for n in &v.nodes {
-        println!(
+        outln!(
             "{:>4}  {:<22} {:<5} {:>8} {:>10} {:>12} {:>6} {:>8}  {}",
             n.id,
             n.address,
@@ -615,14 +631,21 @@ pub fn print_status(v: &ClusterView) {
             n.version
         );
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "STORAGE (replication {})\n{:>4}  {:<22} {:<9} {:<5} {:>8} {:>10} {:>12}",
-        v.replication, "NODE", "ADDRESS", "STATE", "UP", "CHUNKS", "BYTES", "DISK FREE"
+        v.replication,
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "UP",
+        "CHUNKS",
+        "BYTES",
+        "DISK FREE"
     );
     let opt = |v: Option<u64>, f: fn(u64) -> String| v.map(f).unwrap_or_else(|| "-".into());
     for n in &v.storage {
-        println!(
+        outln!(
             "{:>4}  {:<22} {:<9} {:<5} {:>8} {:>10} {:>12}",
             n.id,
             n.address,
@@ -633,12 +656,19 @@ pub fn print_status(v: &ClusterView) {
             opt(n.disk_free_bytes, human),
         );
     }
-    println!();
+    outln!();
     print_repair(&v.repair);
-    println!();
-    println!(
+    outln!();
+    outln!(
         "BACKGROUND WORK\n{:>4}  {:<7} {:<18} {:>22} {:>11} {:>11} {:>8} {:>10}",
-        "NODE", "WORKER", "STATE", "PROGRESS", "RATE", "LIMIT", "ETA", "MOVED"
+        "NODE",
+        "WORKER",
+        "STATE",
+        "PROGRESS",
+        "RATE",
+        "LIMIT",
+        "ETA",
+        "MOVED"
     );
     for w in &v.workers {
         let progress = if w.total > 0 {
@@ -646,7 +676,7 @@ pub fn print_status(v: &ClusterView) {
         } else {
             "-".into()
         };
-        println!(
+        outln!(
             "{:>4}  {:<7} {:<18} {:>22} {:>11} {:>11} {:>8} {:>10}",
             w.node,
             w.name,
@@ -658,16 +688,16 @@ pub fn print_status(v: &ClusterView) {
             human(w.bytes)
         );
         if !w.last_error.is_empty() {
-            println!("        last error: {}", w.last_error);
+            outln!("        last error: {}", w.last_error);
         }
     }
-    println!();
+    outln!();
     print_groups(&v.groups);
 }
 
 /// The repair summary line and its notes.
 pub fn print_repair(r: &RepairView) {
-    print!(
+    out!(
         "repair: {} under-replicated, full pass {}/{} records, {} copies ({}) done, {}/s",
         r.under_replicated,
         r.scanned,
@@ -677,23 +707,23 @@ pub fn print_repair(r: &RepairView) {
         human(r.bytes_per_sec)
     );
     if r.eta_secs > 0 {
-        print!(", ETA {}s", r.eta_secs);
+        out!(", ETA {}s", r.eta_secs);
     }
-    println!();
+    outln!();
     if r.waiting_for_nodes > 0 {
-        println!(
+        outln!(
             "  {} chunk(s) wait for a usable node to copy to (fewer usable nodes than the replication factor)",
             r.waiting_for_nodes
         );
     }
     for e in &r.errors {
-        println!("  last error: {e}");
+        outln!("  last error: {e}");
     }
 }
 
 /// One line per Raft group.
 pub fn print_groups(groups: &[GroupView]) {
-    println!(
+    outln!(
         "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
         "GROUP",
         "LEADER",
@@ -709,7 +739,7 @@ pub fn print_groups(groups: &[GroupView]) {
     );
     for g in groups {
         let members: Vec<String> = g.members.iter().map(u64::to_string).collect();
-        println!(
+        outln!(
             "{:>5}  {:>6} {:>6} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>6}",
             g.id,
             g.leader

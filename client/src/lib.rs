@@ -35,3 +35,48 @@ pub fn set_transport(t: proto::transport::Transport) -> bool {
 pub fn transport() -> proto::transport::Transport {
     TRANSPORT.get().cloned().unwrap_or_default()
 }
+
+/// Exit status of a command whose stdout was closed under it, as for a
+/// process that SIGPIPE ended (128 + 13).
+pub const EXIT_BROKEN_PIPE: i32 = 141;
+
+/// Writes the CLI's output. `print!` panics when stdout is a pipe whose
+/// reader has gone (`musicfs search ... | head`); the CLI ends quietly
+/// then, as Unix tools do. SIGPIPE itself stays ignored: it would also
+/// end the process on a cluster connection that breaks mid-write.
+#[doc(hidden)]
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the CLI after a failed write to stdout: quietly when its reader
+/// has gone, with the error otherwise.
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(EXIT_BROKEN_PIPE);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1)
+}
+
+/// `println!` for the CLI's output (see [`write_stdout`]).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(::std::format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(::std::format_args!("{}\n", ::std::format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for the CLI's output (see [`write_stdout`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(::std::format_args!($($arg)*))
+    };
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use musicfs_client::{admin, parse_seeds, Cluster, ClusterConfig, Fs};
+use musicfs_client::{admin, outln, parse_seeds, Cluster, ClusterConfig, Fs};
 
 #[derive(Parser)]
 #[command(
@@ -603,16 +603,24 @@ fn main() {
     }
 }
 
+/// Raw bytes to stdout (`musicfs cat ... | head` ends quietly).
+fn write_out(data: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(data).and_then(|()| out.flush()) {
+        musicfs_client::stdout_failed(&e);
+    }
+}
+
 async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
     match cmd {
         ScrubCmd::Start { cluster } => {
             let failed = admin::scrub_start(&parse_seeds(&cluster)?).await?;
             if failed.is_empty() {
-                println!("scrub started on every node; `musicfs scrub status` shows progress");
+                outln!("scrub started on every node; `musicfs scrub status` shows progress");
             } else {
-                println!("scrub started, but these nodes could not be asked:");
+                outln!("scrub started, but these nodes could not be asked:");
                 for f in &failed {
-                    println!("  {f}");
+                    outln!("  {f}");
                 }
                 std::process::exit(2);
             }
@@ -620,9 +628,9 @@ async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
         ScrubCmd::Status { cluster, json } => {
             let v = admin::scrub_status(&parse_seeds(&cluster)?).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "{:>4}  {:<22} {:<6} {:>7} {:>10} {:>10} {:>8} {:>10} {:>8}",
                     "NODE",
                     "ADDRESS",
@@ -636,7 +644,7 @@ async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
                 );
                 for n in &v {
                     match &n.status {
-                        Some(s) => println!(
+                        Some(s) => outln!(
                             "{:>4}  {:<22} {:<6} {:>6.1}% {:>10} {:>10} {:>8} {:>10} {:>8}",
                             n.node,
                             n.address,
@@ -648,7 +656,7 @@ async fn scrub_cmd(cmd: ScrubCmd) -> Result<()> {
                             s.records_checked,
                             s.missing
                         ),
-                        None => println!("{:>4}  {:<22} does not answer", n.node, n.address),
+                        None => outln!("{:>4}  {:<22} does not answer", n.node, n.address),
                     }
                 }
             }
@@ -665,7 +673,7 @@ async fn group_cmd(cmd: GroupCmd) -> Result<()> {
         GroupCmd::List { cluster, json } => {
             let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v.groups)?);
+                outln!("{}", serde_json::to_string_pretty(&v.groups)?);
             } else {
                 admin::print_groups(&v.groups);
             }
@@ -675,7 +683,7 @@ async fn group_cmd(cmd: GroupCmd) -> Result<()> {
         }
         GroupCmd::TransferLeader { cluster, group, to } => {
             admin::transfer_leader(&parse_seeds(&cluster)?, group, to).await?;
-            println!("node {to} leads group {group}");
+            outln!("node {to} leads group {group}");
         }
     }
     Ok(())
@@ -810,20 +818,27 @@ async fn bench_in(fs: &Fs, dir: u64, files: usize, big_mib: usize) -> Result<Ben
 }
 
 fn print_df(v: &[admin::DfView]) {
-    println!(
+    outln!(
         "{:>4}  {:<22} {:>10} {:>10} {:>10} {:>5} {:>10} {:>9}",
-        "NODE", "ADDRESS", "SIZE", "USED", "FREE", "USE%", "CHUNKS", "IN CHUNKS"
+        "NODE",
+        "ADDRESS",
+        "SIZE",
+        "USED",
+        "FREE",
+        "USE%",
+        "CHUNKS",
+        "IN CHUNKS"
     );
     let (mut total, mut free) = (0u64, 0u64);
     for n in v {
         if let Some(e) = &n.error {
-            println!("{:>4}  {:<22} does not answer: {e}", n.node, n.address);
+            outln!("{:>4}  {:<22} does not answer: {e}", n.node, n.address);
             continue;
         }
         let used = n.disk_total_bytes.saturating_sub(n.disk_free_bytes);
         total += n.disk_total_bytes;
         free += n.disk_free_bytes;
-        println!(
+        outln!(
             "{:>4}  {:<22} {:>10} {:>10} {:>10} {:>4}% {:>10} {:>9}",
             n.node,
             n.address,
@@ -835,7 +850,7 @@ fn print_df(v: &[admin::DfView]) {
             admin::human(n.chunk_bytes)
         );
     }
-    println!(
+    outln!(
         "total: {} of {} free",
         admin::human(free),
         admin::human(total)
@@ -849,7 +864,7 @@ async fn node_cmd(cmd: NodeCmd) -> Result<()> {
             let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
             let list = admin::node_list(&v);
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 admin::print_node_list(&list);
             }
@@ -866,7 +881,7 @@ async fn node_cmd(cmd: NodeCmd) -> Result<()> {
                 StorageState::StorageActive,
             )
             .await?;
-            println!(
+            outln!(
                 "storage node {id} at {addr} added; new chunks are placed on it and repair uses it"
             );
         }
@@ -891,9 +906,9 @@ async fn node_cmd(cmd: NodeCmd) -> Result<()> {
                 bar.finish_and_clear();
             }
             if left == 0 {
-                println!("storage node {id} is drained: no chunk depends on it; `musicfs node remove {id}` is safe");
+                outln!("storage node {id} is drained: no chunk depends on it; `musicfs node remove {id}` is safe");
             } else {
-                println!("storage node {id} is draining: {left} chunk record(s) still list it");
+                outln!("storage node {id} is draining: {left} chunk record(s) still list it");
                 if wait.is_some() {
                     std::process::exit(3);
                 }
@@ -907,7 +922,7 @@ async fn node_cmd(cmd: NodeCmd) -> Result<()> {
                 StorageState::StorageRemoved,
             )
             .await?;
-            println!("storage node {id} removed");
+            outln!("storage node {id} removed");
         }
     }
     Ok(())
@@ -929,23 +944,23 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             days,
         } => {
             let made = certs::init(&out, nodes, &hosts, days)?;
-            println!(
+            outln!(
                 "CA            : {} (keep ca.key offline)",
                 made.ca.display()
             );
             for (i, n) in made.nodes.iter().enumerate() {
-                println!(
+                outln!(
                     "node {:<9}: {}  (tls_dir of node {})",
                     i + 1,
                     n.display(),
                     i + 1
                 );
             }
-            println!(
+            outln!(
                 "client        : {}  (--tls-dir / MUSICFS_TLS_DIR)",
                 made.client.display()
             );
-            println!(
+            outln!(
                 "admin token   : {}  (admin_token_file on every node; --token-file for admin commands)",
                 made.token.display()
             );
@@ -964,7 +979,7 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
                 (None, None) => bail!("give --node ID or --client NAME"),
             };
             certs::issue(&ca, &subject, &out, days)?;
-            println!("credentials written to {}", out.display());
+            outln!("credentials written to {}", out.display());
         }
     }
     Ok(())
@@ -991,7 +1006,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
             )
             .await?;
-            println!(
+            outln!(
                 "initialised cluster {id} with {} nodes, {groups} metadata group(s), {replication} copies of every chunk",
                 peers.len()
             );
@@ -1004,7 +1019,7 @@ async fn run(cli: Cli) -> Result<()> {
             let v = admin::cluster_status(&parse_seeds(&cluster)?).await?;
             let r = &v.repair;
             if json {
-                println!("{}", serde_json::to_string_pretty(r)?);
+                outln!("{}", serde_json::to_string_pretty(r)?);
             } else {
                 admin::print_repair(r);
             }
@@ -1016,10 +1031,10 @@ async fn run(cli: Cli) -> Result<()> {
             let mut failed = false;
             for (id, addr, err) in admin::snapshot_all(&parse_seeds(&cluster)?).await? {
                 match err {
-                    None => println!("node {id} ({addr}): every group snapshotted"),
+                    None => outln!("node {id} ({addr}): every group snapshotted"),
                     Some(e) => {
                         failed = true;
-                        println!("node {id} ({addr}): FAILED: {e}");
+                        outln!("node {id} ({addr}): FAILED: {e}");
                     }
                 }
             }
@@ -1030,7 +1045,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Df { cluster, json } => {
             let v = admin::df(&parse_seeds(&cluster)?).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_df(&v);
             }
@@ -1073,7 +1088,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             std::fs::rename(&tmp, &local)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), local.display()))?;
-            println!("{path} -> {}: {n} bytes", local.display());
+            outln!("{path} -> {}: {n} bytes", local.display());
         }
         Cmd::Bench {
             cluster,
@@ -1084,13 +1099,13 @@ async fn run(cli: Cli) -> Result<()> {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             let r = bench(&fs, files, big_mib).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "{} small files: {:.0} creates/s, stat p50 {:.2} ms p99 {:.2} ms, {:.0} reads/s",
                     r.files, r.creates_per_sec, r.stat_p50_ms, r.stat_p99_ms, r.small_reads_per_sec
                 );
-                println!(
+                outln!(
                     "{} MiB file: write {:.1} MiB/s, read {:.1} MiB/s; every byte verified, all removed",
                     r.big_mib, r.write_mib_per_sec, r.read_mib_per_sec
                 );
@@ -1099,12 +1114,11 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Certs { cmd } => certs_cmd(cmd)?,
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "musicfs",
-                &mut std::io::stdout(),
-            );
+            // Generated whole, then written: clap_complete panics on a
+            // failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "musicfs", &mut script);
+            write_out(&script);
         }
         Cmd::Scrub { cmd } => scrub_cmd(cmd).await?,
         Cmd::Gc {
@@ -1114,7 +1128,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let r = admin::gc(&parse_seeds(&cluster)?, dry_run).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "reclaimable_chunks": r.reclaimable_chunks,
@@ -1130,40 +1144,40 @@ async fn run(cli: Cli) -> Result<()> {
                     })
                 );
             } else {
-                println!(
+                outln!(
                     "{} {} unreferenced chunk(s), {}, past the grace period{}",
                     if dry_run { "would free" } else { "freeing" },
                     r.reclaimable_chunks,
                     admin::human(r.reclaimable_bytes),
                     if dry_run { "" } else { " (now)" }
                 );
-                println!(
+                outln!(
                     "{} more unreferenced chunk(s), {}, still within it",
                     r.waiting_chunks,
                     admin::human(r.waiting_bytes)
                 );
-                println!(
+                outln!(
                     "freed so far (since the nodes started): {} record(s), {} file(s), {}",
                     r.reaped_chunks,
                     r.deleted_files,
                     admin::human(r.deleted_bytes)
                 );
                 if r.settled_groups < r.led_groups {
-                    println!(
+                    outln!(
                         "{} of {} group(s) have not settled yet: nothing is freed in them until every reference queued for them is applied",
                         r.led_groups - r.settled_groups,
                         r.led_groups
                     );
                 }
                 if !r.last_error.is_empty() {
-                    println!("errors: {}", r.last_error);
+                    outln!("errors: {}", r.last_error);
                 }
             }
         }
         Cmd::Status { cluster, json } => {
             let view = admin::cluster_status(&parse_seeds(&cluster)?).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 admin::print_status(&view);
             }
@@ -1231,7 +1245,7 @@ async fn run(cli: Cli) -> Result<()> {
                 for e in &entries {
                     let a = e.attr.unwrap_or_default();
                     if json {
-                        println!(
+                        outln!(
                             "{}",
                             serde_json::json!({
                                 "name": String::from_utf8_lossy(&e.name),
@@ -1249,7 +1263,7 @@ async fn run(cli: Cli) -> Result<()> {
                         );
                         continue;
                     }
-                    println!(
+                    outln!(
                         "{:o} {:>5} {:>5} {:>12} {}",
                         a.perm,
                         a.uid,
@@ -1279,7 +1293,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await;
             bar.finish_and_clear();
             let a = a?;
-            println!("{path}: {} bytes (inode {})", a.size, a.ino);
+            outln!("{path}: {} bytes (inode {})", a.size, a.ino);
         }
         Cmd::Import(a) => return import(a, false).await,
         Cmd::Sync(a) => return import(a, true).await,
@@ -1295,11 +1309,11 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&tags_json(a.ino, &t))?);
+                outln!("{}", serde_json::to_string_pretty(&tags_json(a.ino, &t))?);
             } else {
                 for (k, v) in tags_json(a.ino, &t).as_object().into_iter().flatten() {
                     if !(v.is_null() || v == "" || v == 0) {
-                        println!(
+                        outln!(
                             "{k:<18} {}",
                             v.as_str().map(str::to_string).unwrap_or(v.to_string())
                         );
@@ -1319,9 +1333,9 @@ async fn run(cli: Cli) -> Result<()> {
             let mut out = tags_json(fs.resolve(&path).await?.ino, &tags);
             out["bytes_sent"] = sent.into();
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                outln!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!(
+                outln!(
                     "{path}: tags written; {} of new chunk data sent",
                     indicatif::HumanBytes(sent)
                 );
@@ -1338,7 +1352,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Tag(TagCmd::Reindex { cluster }) => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 1 << 20);
             fs.reindex_tags().await?;
-            println!("the tag index of every group is complete");
+            outln!("the tag index of every group is complete");
         }
         Cmd::Search {
             cluster,
@@ -1352,9 +1366,9 @@ async fn run(cli: Cli) -> Result<()> {
             for h in &hits {
                 let t = h.tags.clone().unwrap_or_default();
                 if json {
-                    println!("{}", serde_json::to_string(&tags_json(h.ino, &t))?);
+                    outln!("{}", serde_json::to_string(&tags_json(h.ino, &t))?);
                 } else {
-                    println!(
+                    outln!(
                         "{} | {} | {} | {} {} | {}",
                         t.path,
                         if t.album_artist.is_empty() {
@@ -1376,7 +1390,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Cat { cluster, path } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
             let data = fs.read_file(&path).await?;
-            std::io::stdout().write_all(&data)?;
+            write_out(&data);
         }
         Cmd::Rm { cluster, path } => {
             let fs = Fs::new(connect(&cluster, Duration::from_secs(30)).await?, 64 << 20);
@@ -1423,9 +1437,10 @@ async fn watch(
         if !lines.is_empty() {
             let mut out = std::io::stdout().lock();
             for l in &lines {
-                writeln!(out, "{l}")?;
+                writeln!(out, "{l}").unwrap_or_else(|e| musicfs_client::stdout_failed(&e));
             }
-            out.flush()?;
+            out.flush()
+                .unwrap_or_else(|e| musicfs_client::stdout_failed(&e));
             // Only what reached stdout counts as reported.
             cursor.save(path)?;
         }
@@ -1468,9 +1483,9 @@ async fn import(a: CopyArgs, delete: bool) -> Result<()> {
     bar.finish_and_clear();
     let report = report?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        outln!(
             "{} files, {}: {} copied ({}), {} unchanged; {} of new chunk data sent; \
              {} directories and {} symlinks created, {} entries removed",
             report.files,
@@ -1644,17 +1659,17 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let cluster = connect(&seeds.join(","), Duration::from_secs(30)).await?;
-    println!("MusicFS dev cluster is up.");
-    println!("  mount point : {}", mnt.display());
-    println!("  nodes       : {}", seeds.join(", "));
-    println!("  logs        : {}/node{{1,2,3}}.log", dir.display());
-    println!(
+    outln!("MusicFS dev cluster is up.");
+    outln!("  mount point : {}", mnt.display());
+    outln!("  nodes       : {}", seeds.join(", "));
+    outln!("  logs        : {}/node{{1,2,3}}.log", dir.display());
+    outln!(
         "Try:  cp -r ~/Music/* {}/   or   ls -l {}",
         mnt.display(),
         mnt.display()
     );
-    println!("      musicfs status --cluster {}", seeds.join(","));
-    println!("Press Ctrl-C to unmount and stop the nodes.");
+    outln!("      musicfs status --cluster {}", seeds.join(","));
+    outln!("Press Ctrl-C to unmount and stop the nodes.");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let views = Some(musicfs_client::views::Views::defaults(".views"));

@@ -1,8 +1,9 @@
 //! The admin CLI against a real cluster: group list and leader transfer,
-//! snapshots, df, repair status, get, bench and completions, each with the exit
-//! code scripts rely on; the RPC and Raft metrics those calls leave; and
-//! the node's status page, read over HTTP and rendered in headless
-//! Chromium (Debian's `chromium`, which `make deps` installs).
+//! snapshots, df, repair status, get, bench and completions, each with the
+//! exit code scripts rely on (also when stdout is a pipe whose reader has
+//! gone); the RPC and Raft metrics those calls leave; and the node's status
+//! page, read over HTTP and rendered in headless Chromium (Debian's
+//! `chromium`, which `make deps` installs).
 
 mod common;
 
@@ -202,6 +203,30 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
     let out = musicfs(&c, &["completions", "bash"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("transfer-leader"));
+
+    // Output into a pipe whose reader has gone (`musicfs status | head`):
+    // the command ends quietly with SIGPIPE's status, without a panic.
+    for args in [
+        &["status"][..],
+        &["group", "list"],
+        &["cat", "/track.flac"],
+        &["completions", "bash"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(common::bin_dir().join("musicfs"))
+            .args(args)
+            .env("MUSICFS_CLUSTER", c.seeds())
+            .stdout(writer)
+            .output()
+            .expect("run musicfs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+    }
 
     // Metrics: every RPC counted and timed by method and status, error
     // replies by code (the missing file above), each group's Raft state,
