@@ -1482,6 +1482,13 @@ async fn import(a: CopyArgs, delete: bool) -> Result<()> {
     .await;
     bar.finish_and_clear();
     let report = report?;
+    // Failures first, on stderr: a closed stdout ends the command at the
+    // summary.
+    if !a.json {
+        for e in &report.errors {
+            eprintln!("failed: {e}");
+        }
+    }
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1498,9 +1505,6 @@ async fn import(a: CopyArgs, delete: bool) -> Result<()> {
             report.symlinks_created,
             report.removed
         );
-        for e in &report.errors {
-            eprintln!("failed: {e}");
-        }
     }
     if !report.errors.is_empty() {
         std::process::exit(1);
@@ -1659,17 +1663,19 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let cluster = connect(&seeds.join(","), Duration::from_secs(30)).await?;
-    outln!("MusicFS dev cluster is up.");
-    outln!("  mount point : {}", mnt.display());
-    outln!("  nodes       : {}", seeds.join(", "));
-    outln!("  logs        : {}/node{{1,2,3}}.log", dir.display());
-    outln!(
-        "Try:  cp -r ~/Music/* {}/   or   ls -l {}",
-        mnt.display(),
-        mnt.display()
+    // Unlike other commands, a closed stdout does not end this one: the
+    // cluster and the mount are what it is for, and ending it here would
+    // leave the nodes it started running.
+    let _ = write!(
+        std::io::stdout(),
+        "MusicFS dev cluster is up.\n  mount point : {mnt}\n  nodes       : {nodes}\n  \
+         logs        : {dir}/node{{1,2,3}}.log\nTry:  cp -r ~/Music/* {mnt}/   or   ls -l {mnt}\n      \
+         musicfs status --cluster {seeds}\nPress Ctrl-C to unmount and stop the nodes.\n",
+        mnt = mnt.display(),
+        nodes = seeds.join(", "),
+        dir = dir.display(),
+        seeds = seeds.join(","),
     );
-    outln!("      musicfs status --cluster {}", seeds.join(","));
-    outln!("Press Ctrl-C to unmount and stop the nodes.");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let views = Some(musicfs_client::views::Views::defaults(".views"));
