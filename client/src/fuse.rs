@@ -14,7 +14,7 @@ use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags as FuseRenameFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use proto::meta::{Attr, FileKind, SetAttrFields, Timespec};
 use tokio::runtime::Handle;
@@ -701,6 +701,24 @@ impl Filesystem for MusicFuse {
     ) {
         // Directory changes are committed through Raft before they are acknowledged.
         reply.ok();
+    }
+
+    /// No file here takes an ioctl. Programs ask every file they open
+    /// whether it is a terminal (`isatty`, as Python's `open` does):
+    /// answered as a local file system answers, without fuser's warning
+    /// in the mount's log for each.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

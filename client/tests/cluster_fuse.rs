@@ -107,6 +107,18 @@ async fn three_nodes_survive_a_leader_kill_and_catch_up() {
     }
     let big_digest = big_hash.digest128();
     verify_small_files(&root, &small);
+    {
+        // `isatty` on a file of the mount (Python's `open` asks): "not a
+        // terminal", as on a local file system.
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(&big_path).expect("open big");
+        // SAFETY: isatty reads nothing but its descriptor, open here.
+        assert_eq!(unsafe { libc::isatty(f.as_raw_fd()) }, 0);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY)
+        );
+    }
     assert_eq!(
         hash_file(&big_path),
         (BIG as u64, big_digest),
