@@ -1435,12 +1435,8 @@ async fn watch(
         })
         .await?;
         if !lines.is_empty() {
-            let mut out = std::io::stdout().lock();
-            for l in &lines {
-                writeln!(out, "{l}").unwrap_or_else(|e| musicfs_client::stdout_failed(&e));
-            }
-            out.flush()
-                .unwrap_or_else(|e| musicfs_client::stdout_failed(&e));
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            write_out(text.as_bytes());
             // Only what reached stdout counts as reported.
             cursor.save(path)?;
         }
