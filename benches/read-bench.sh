@@ -110,7 +110,7 @@ group=$(( $(stat -c %i "$work/mnt/kill.bin") >> 48 ))
 rc=0
 python3 benches/read_series.py "$work/mnt/kill.bin" "$OUT" "$(cat "$work/kill.md5")" \
   --kill-node-at 0.25 --restart-at 0.45 --kill-leader-at 0.65 --group "$group" \
-  --restart-cmd "$BIN/musicfs-node --id 1 --listen 127.0.0.1:${port[1]} --data $work/node1 2>>$work/node1.log" \
+  --restart-cmd "$BIN/musicfs-node --id 1 --listen 127.0.0.1:${port[1]} --data $work/node1 --cluster-secret-file $work/cluster-secret 2>>$work/node1.log" \
   --pid-file "$work/node1.pid" \
   --seeds "$seeds" --musicfs "$BIN/musicfs" --pids "1=${pid[1]},2=${pid[2]},3=${pid[3]}" || rc=$?
 # The restarted node is stopped on exit like the others.

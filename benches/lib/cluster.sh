@@ -28,9 +28,11 @@ for i in 1 2 3 4; do port[$i]=${ports[$((i - 1))]}; done
 for i in 1 2 3; do
   peers="$peers${peers:+,}$i=127.0.0.1:${port[$i]}"; seeds="$seeds${seeds:+,}127.0.0.1:${port[$i]}"
 done
+# The nodes' shared secret (nodes on plain TCP need one).
+"$BIN/musicfs" certs secret --out "$work/cluster-secret" >/dev/null
 # start_node ID [extra musicfs-node flags...]; NODE_FLAGS go to every node.
 start_node() {
-  "$BIN/musicfs-node" --id "$1" --listen "127.0.0.1:${port[$1]}" --data "$work/node$1" ${NODE_FLAGS:-} "${@:2}" 2>>"$work/node$1.log" &
+  "$BIN/musicfs-node" --id "$1" --listen "127.0.0.1:${port[$1]}" --data "$work/node$1" --cluster-secret-file "$work/cluster-secret" ${NODE_FLAGS:-} "${@:2}" 2>>"$work/node$1.log" &
   pid[$1]=$!
 }
 # Starts all three nodes and initialises GROUPS groups (nodes take a moment

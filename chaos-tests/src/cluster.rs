@@ -86,6 +86,11 @@ impl Cluster {
     ) -> Result<Cluster> {
         let net = Net::create(nodes + extra_hosts, clients)?;
         std::fs::create_dir_all(dir)?;
+        // The nodes' shared secret (a run's directory is new each time).
+        let secret = dir.join("cluster-secret");
+        if !secret.exists() {
+            proto::auth::ClusterSecret::write_new(&secret)?;
+        }
         let mut c = Cluster {
             net,
             dir: dir.to_path_buf(),
@@ -144,6 +149,8 @@ impl Cluster {
             .arg(self.bin.join("musicfs-node"))
             .args(["--id", &n.id.to_string(), "--listen", &n.addr, "--data"])
             .arg(&n.data)
+            .arg("--cluster-secret-file")
+            .arg(self.dir.join("cluster-secret"))
             // Lost nodes are repaired around quickly, so runs see repair.
             .args(["--repair-after-secs", "20", "--reserve-mib", "16"])
             .env(

@@ -372,6 +372,9 @@ pub struct ClusterView {
     pub cluster_id: String,
     pub healthy: bool,
     pub problems: Vec<String>,
+    /// How the first node that answered is secured: "tls" or "plain".
+    pub transport: &'static str,
+    pub admin_token: bool,
     pub replication: u32,
     pub nodes: Vec<NodeView>,
     pub storage: Vec<StorageView>,
@@ -587,6 +590,8 @@ pub async fn cluster_status(seeds: &[String]) -> Result<ClusterView> {
         cluster_id: first.cluster_id,
         healthy: problems.is_empty(),
         problems,
+        transport: if first.tls { "tls" } else { "plain" },
+        admin_token: first.admin_token,
         replication: first.replication,
         nodes,
         storage,
@@ -604,6 +609,14 @@ pub fn print_status(v: &ClusterView) {
         for p in &v.problems {
             outln!("  ! {p}");
         }
+    }
+    match (v.transport, v.admin_token) {
+        ("tls", true) => {}
+        ("tls", false) => outln!("  ! TLS without an admin token: client certificates may change the cluster"),
+        _ => outln!(
+            "  ! PLAIN TCP: not encrypted, clients not authenticated{} (see docs/OPERATIONS.md, \"Security\")",
+            if v.admin_token { ", admin token in clear text" } else { ", no admin token" }
+        ),
     }
     outln!();
     outln!(

@@ -7,6 +7,7 @@
 //! OUT/node-N/{ca,cert,key}.pem   one per node, names `musicfs-node`
 //! OUT/client/{ca,cert,key}.pem   for mounts and admin commands
 //! OUT/admin-token                for destructive admin commands
+//! OUT/cluster-secret             for every node (cluster_secret_file), never clients
 //! ```
 
 use std::io::Write;
@@ -116,6 +117,12 @@ fn leaf_params(subject: &Subject, days: u32) -> Result<CertificateParams> {
         }
     };
     let mut p = CertificateParams::new(sans)?;
+    // A random serial (positive: its top bit clear) that `issue` reports,
+    // so an operator can revoke this certificate by it.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     p.distinguished_name.push(DnType::CommonName, cn);
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -127,8 +134,9 @@ fn leaf_params(subject: &Subject, days: u32) -> Result<CertificateParams> {
 }
 
 /// Issues a certificate for `subject` with the CA in `ca_dir` into a new
-/// directory `out` (`ca.pem`, `cert.pem`, `key.pem`).
-pub fn issue(ca_dir: &Path, subject: &Subject, out: &Path, days: u32) -> Result<()> {
+/// directory `out` (`ca.pem`, `cert.pem`, `key.pem`); returns its serial
+/// number (hex), by which nodes can be told to refuse it.
+pub fn issue(ca_dir: &Path, subject: &Subject, out: &Path, days: u32) -> Result<String> {
     let ca_pem_path = ca_dir.join(CA_FILE);
     let ca_key_path = ca_dir.join("ca.key");
     let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(io(&ca_pem_path))?;
@@ -140,7 +148,9 @@ pub fn issue(ca_dir: &Path, subject: &Subject, out: &Path, days: u32) -> Result<
     std::fs::create_dir_all(out).map_err(io(out))?;
     write_new(&out.join(CA_FILE), ca_pem.as_bytes(), false)?;
     write_new(&out.join(CERT_FILE), cert.pem().as_bytes(), false)?;
-    write_new(&out.join(KEY_FILE), key.serialize_pem().as_bytes(), true)
+    write_new(&out.join(KEY_FILE), key.serialize_pem().as_bytes(), true)?;
+    proto::transport::serial_of(cert.der())
+        .ok_or_else(|| CertError::Invalid("the new certificate does not parse".into()))
 }
 
 /// A new random admin token (hex, 32 bytes of entropy).
@@ -155,11 +165,36 @@ pub struct Made {
     pub nodes: Vec<PathBuf>,
     pub client: PathBuf,
     pub token: PathBuf,
+    pub secret: PathBuf,
+    /// The client certificate's serial number.
+    pub client_serial: String,
+}
+
+/// Writes a new cluster secret to `path` (a new file, mode 0600).
+pub fn new_secret(path: &Path) -> Result<()> {
+    proto::auth::ClusterSecret::write_new(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            CertError::Exists(path.to_path_buf())
+        } else {
+            io(path)(e)
+        }
+    })
 }
 
 /// A new CA under `out/ca`, certificates for nodes `1..=nodes` and one
 /// client, and an admin token. Refuses to touch an existing CA.
 pub fn init(out: &Path, nodes: u64, hosts: &[String], days: u32) -> Result<Made> {
+    init_with(out, nodes, hosts, days, days)
+}
+
+/// As [`init`], with the client certificate valid for `client_days`.
+pub fn init_with(
+    out: &Path,
+    nodes: u64,
+    hosts: &[String],
+    days: u32,
+    client_days: u32,
+) -> Result<Made> {
     if nodes == 0 {
         return Err(CertError::Invalid("at least one node is needed".into()));
     }
@@ -177,6 +212,8 @@ pub fn init(out: &Path, nodes: u64, hosts: &[String], days: u32) -> Result<Made>
         nodes: vec![],
         client: out.join("client"),
         token: out.join("admin-token"),
+        secret: out.join("cluster-secret"),
+        client_serial: String::new(),
     };
     for id in 1..=nodes {
         let dir = out.join(format!("node-{id}"));
@@ -191,15 +228,16 @@ pub fn init(out: &Path, nodes: u64, hosts: &[String], days: u32) -> Result<Made>
         )?;
         made.nodes.push(dir);
     }
-    issue(
+    made.client_serial = issue(
         &ca_dir,
         &Subject::Client {
             name: "admin".into(),
         },
         &made.client,
-        days,
+        client_days,
     )?;
     write_new(&made.token, format!("{}\n", new_token()).as_bytes(), true)?;
+    new_secret(&made.secret)?;
     Ok(made)
 }
 

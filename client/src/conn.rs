@@ -13,7 +13,7 @@ use proto::admin::admin_service_client::AdminServiceClient;
 use proto::admin::{StatusRequest, StatusResponse};
 use proto::meta::meta_service_client::MetaServiceClient;
 use proto::meta::{
-    Command, CommandResult, ErrorCode, ProposeRequest, Query, QueryRequest, QueryResult,
+    Command, CommandResult, ErrorCode, ProposeRequest, Query, QueryRequest, QueryResult, Receipt,
     StorageState, Timespec,
 };
 use proto::storage::chunk_service_client::ChunkServiceClient;
@@ -124,6 +124,14 @@ impl Drop for CommandEnd<'_> {
     fn drop(&mut self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Where a chunk was stored: the nodes that hold it durably, and their
+/// receipts, which the layout commit carries to the chunk index.
+#[derive(Clone, Debug, Default)]
+pub struct Placed {
+    pub nodes: Vec<u64>,
+    pub receipts: Vec<Receipt>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -644,6 +652,8 @@ impl Cluster {
                 client_id: self.client_id,
                 request_seq: id.seq,
                 acked_below,
+                // The node that proposes it sets where it comes from.
+                origin: 0,
                 op: Some(op),
             }),
         };
@@ -759,21 +769,22 @@ impl Cluster {
             .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
-    /// Stores a chunk on the storage nodes the chunk prefers
-    /// (`proto::placement`), moving on to the next ones when a node fails
-    /// or is full. Succeeds once a majority of the replication factor holds
-    /// it durably; returns the nodes that do.
     /// Bytes of chunk data stored by this client so far (once per chunk).
     pub fn chunk_bytes_sent(&self) -> u64 {
         self.chunk_bytes_sent
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Vec<u64>> {
+    /// Stores a chunk on the storage nodes the chunk prefers
+    /// (`proto::placement`), moving on to the next ones when a node fails
+    /// or is full. Succeeds once a majority of the replication factor holds
+    /// it durably; returns the nodes that do and their receipts.
+    pub async fn put_chunk(&self, id: ChunkId, data: Bytes) -> Result<Placed> {
         let tag = self.transfer_tag();
         let start = Instant::now();
         let mut backoff = backoff();
         let mut stored: Vec<u64> = Vec::new();
+        let mut receipts: Vec<Receipt> = Vec::new();
         let mut failed: Vec<u64> = Vec::new();
         let mut errors: BTreeMap<u64, String> = BTreeMap::new();
         loop {
@@ -810,7 +821,7 @@ impl Cluster {
                     let res = async {
                         if let Some(d) = direct {
                             match d.put(&addr, &id, &data, tag).await {
-                                DirectPut::Stored(_) => return Ok(()),
+                                DirectPut::Stored(_, receipt) => return Ok(receipt),
                                 DirectPut::Refused(e) => return Err(ClientError::Server(e)),
                                 DirectPut::Failed(why) => {
                                     return Err(ClientError::Unavailable(why))
@@ -834,7 +845,7 @@ impl Cluster {
                             .into_inner();
                         match r.error {
                             Some(e) => Err(ClientError::Server(e)),
-                            None => Ok(()),
+                            None => Ok(r.receipt),
                         }
                     }
                     .await;
@@ -863,8 +874,9 @@ impl Cluster {
                 waiting.retain(|n| *n != node);
                 self.note_node(node, res.is_ok());
                 match res {
-                    Ok(()) => {
+                    Ok(receipt) => {
                         stored.push(node);
+                        receipts.extend(receipt);
                         if stored.len() >= quorum && quorum_at.is_none() {
                             quorum_at = Some(Instant::now());
                         }
@@ -880,7 +892,10 @@ impl Cluster {
                 stored.sort_unstable();
                 self.chunk_bytes_sent
                     .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                return Ok(stored);
+                return Ok(Placed {
+                    nodes: stored,
+                    receipts,
+                });
             }
             if start.elapsed() >= self.cfg.deadline {
                 let detail: Vec<String> = errors

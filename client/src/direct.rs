@@ -42,9 +42,11 @@ pub enum Direct {
 }
 
 /// What one direct upload came to.
+#[derive(Debug)]
 pub enum DirectPut {
-    /// Held durably; true if the node stored it now, false if it had it.
-    Stored(bool),
+    /// Held durably; true if the node stored it now, false if it had it;
+    /// the node's receipt for the commit.
+    Stored(bool, Option<proto::meta::Receipt>),
     /// The node refused it (a full disk, bytes that do not match the id).
     Refused(WireError),
     /// The node took the request and then failed or did not answer in
@@ -177,7 +179,13 @@ impl DirectChunks {
             return DirectPut::Unanswered(format!("{addr}: chunk of {} bytes", data.len()));
         };
         match self.request(addr, &encode_put(&id.0, tag, len), data).await {
-            Ok((STATUS_OK, r)) => DirectPut::Stored(r.first() == Some(&1)),
+            Ok((STATUS_OK, r)) => {
+                let receipt = r
+                    .get(1..)
+                    .filter(|rest| !rest.is_empty())
+                    .and_then(|rest| proto::meta::Receipt::decode(rest).ok());
+                DirectPut::Stored(r.first() == Some(&1), receipt)
+            }
             Ok((STATUS_REFUSED, r)) => match WireError::decode(r) {
                 Ok(e) => DirectPut::Refused(e),
                 Err(e) => DirectPut::Unanswered(format!("{addr}: undecodable refusal: {e}")),
@@ -381,7 +389,7 @@ mod tests {
         let data = vec![5u8; 100 << 10];
         match d.put(&addr, &ChunkId::of(&data), &data, "").await {
             DirectPut::Failed(why) => assert!(why.contains("no reply"), "{why}"),
-            DirectPut::Stored(_) => panic!("stored without an answer"),
+            DirectPut::Stored(..) => panic!("stored without an answer"),
             DirectPut::Refused(e) => panic!("refused: {e:?}"),
             // Sending it again over gRPC would wait as long once more.
             DirectPut::Unanswered(why) => panic!("handed to gRPC: {why}"),

@@ -226,6 +226,7 @@ impl FileState {
                     chunk_id: Bytes::copy_from_slice(&c.id.0),
                     size: c.size,
                     locations: c.commit_locations,
+                    receipts: c.receipts,
                 });
             }
         }
@@ -266,6 +267,8 @@ struct StoredChunk {
     /// index already vouched for (what it said may change before the
     /// commit, which must not put a location back).
     commit_locations: Vec<u64>,
+    /// The storage nodes' receipts for `commit_locations`.
+    receipts: Vec<proto::meta::Receipt>,
     /// Where reads look first.
     locations: Vec<u64>,
 }
@@ -325,6 +328,7 @@ async fn store_chunks(cluster: Arc<Cluster>, chunks: Vec<(ChunkId, Bytes)>) -> R
                 id,
                 size: info.size,
                 commit_locations: Vec::new(),
+                receipts: Vec::new(),
                 locations: info.locations.clone(),
             }),
             // Not vouched for (even if this file's old layout had it: a
@@ -337,12 +341,13 @@ async fn store_chunks(cluster: Arc<Cluster>, chunks: Vec<(ChunkId, Bytes)>) -> R
             let cluster = cluster.clone();
             async move {
                 let size = data.len() as u64;
-                let locs = cluster.put_chunk(id, data).await?;
+                let placed = cluster.put_chunk(id, data).await?;
                 Ok::<_, ClientError>(StoredChunk {
                     id,
                     size,
-                    commit_locations: locs.clone(),
-                    locations: locs,
+                    commit_locations: placed.nodes.clone(),
+                    receipts: placed.receipts,
+                    locations: placed.nodes,
                 })
             }
         })
@@ -1597,6 +1602,7 @@ impl Fs {
             };
             if known.contains_key(&id) {
                 n.locations.clear();
+                n.receipts.clear();
                 continue;
             }
             let Some(data) = lock(&self.cache).get(&id) else {
@@ -1606,7 +1612,9 @@ impl Fs {
                     st.ino
                 )));
             };
-            n.locations = self.cluster.put_chunk(id, data).await?;
+            let placed = self.cluster.put_chunk(id, data).await?;
+            n.locations = placed.nodes;
+            n.receipts = placed.receipts;
             st.locations.insert(id, n.locations.clone());
         }
         st.checked_at_ms = checked_at;

@@ -411,9 +411,21 @@ enum CertsCmd {
         /// other tools).
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
-        /// Validity in days.
+        /// Validity of the CA and node certificates, in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// Validity of the client (admin) certificate, in days: short, so
+        /// a lost one stops working by itself; issue another with `certs
+        /// issue --client`.
+        #[arg(long, default_value_t = 90)]
+        client_days: u32,
+    },
+    /// A new cluster secret (for a cluster on plain TCP, or one whose
+    /// `certs init` predates it): copy the file to every node and name it
+    /// in `cluster_secret_file`. Never give it to a client.
+    Secret {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// One more certificate from an existing CA: a node added later, or
     /// another client.
@@ -432,8 +444,9 @@ enum CertsCmd {
         client: Option<String>,
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
-        #[arg(long, default_value_t = 3650)]
-        days: u32,
+        /// Validity in days (default: 3650 for a node, 90 for a client).
+        #[arg(long)]
+        days: Option<u32>,
     },
 }
 
@@ -942,8 +955,9 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             nodes,
             hosts,
             days,
+            client_days,
         } => {
-            let made = certs::init(&out, nodes, &hosts, days)?;
+            let made = certs::init_with(&out, nodes, &hosts, days, client_days)?;
             outln!(
                 "CA            : {} (keep ca.key offline)",
                 made.ca.display()
@@ -957,12 +971,24 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
                 );
             }
             outln!(
-                "client        : {}  (--tls-dir / MUSICFS_TLS_DIR)",
-                made.client.display()
+                "client        : {}  (--tls-dir / MUSICFS_TLS_DIR; serial {}, {client_days} days)",
+                made.client.display(),
+                made.client_serial
             );
             outln!(
                 "admin token   : {}  (admin_token_file on every node; --token-file for admin commands)",
                 made.token.display()
+            );
+            outln!(
+                "cluster secret: {}  (cluster_secret_file on every node; never on clients)",
+                made.secret.display()
+            );
+        }
+        CertsCmd::Secret { out } => {
+            certs::new_secret(&out)?;
+            outln!(
+                "cluster secret written to {} (cluster_secret_file on every node)",
+                out.display()
             );
         }
         CertsCmd::Issue {
@@ -973,13 +999,18 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             hosts,
             days,
         } => {
-            let subject = match (node, client) {
-                (Some(id), _) => certs::Subject::Node { id, hosts },
-                (None, Some(name)) => certs::Subject::Client { name },
+            let (subject, default_days) = match (node, client) {
+                (Some(id), _) => (certs::Subject::Node { id, hosts }, 3650),
+                (None, Some(name)) => (certs::Subject::Client { name }, 90),
                 (None, None) => bail!("give --node ID or --client NAME"),
             };
-            certs::issue(&ca, &subject, &out, days)?;
-            outln!("credentials written to {}", out.display());
+            let days = days.unwrap_or(default_days);
+            let serial = certs::issue(&ca, &subject, &out, days)?;
+            outln!(
+                "credentials written to {} (serial {serial}, valid {days} days; to revoke, add the \
+                 serial to every node's revoked_certs_file)",
+                out.display()
+            );
         }
     }
     Ok(())
@@ -1613,6 +1644,11 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" "),
     )?;
+    // The nodes' shared secret, made once and kept with their data.
+    let secret = dir.join("cluster-secret");
+    if !secret.exists() {
+        musicfs_client::certs::new_secret(&secret)?;
+    }
     let mut nodes = Nodes(Vec::new());
     let mut peers = Vec::new();
     for (i, port) in ports.iter().enumerate() {
@@ -1623,6 +1659,8 @@ async fn dev(dir: &Path, base_port: u16) -> Result<()> {
         let child = Command::new(&node_bin)
             .args(["--id", &id.to_string(), "--listen", &addr, "--data"])
             .arg(&data)
+            .arg("--cluster-secret-file")
+            .arg(&secret)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

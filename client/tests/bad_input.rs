@@ -101,6 +101,7 @@ async fn a_data_directory_stays_with_its_node_and_cluster() {
             "--data",
         ])
         .arg(&a.nodes[2].data)
+        .env("MUSICFS_CLUSTER_SECRET_FILE", a.secret_file())
         .output()
         .expect("run musicfs-node");
     assert!(!out.status.success());

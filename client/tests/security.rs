@@ -58,21 +58,49 @@ fn refused(out: &Output, why: &str) {
     assert!(stderr(out).contains(why), "{}", stderr(out));
 }
 
-/// Sends an (empty) Raft vote to `addr` with the credentials in `creds`:
-/// Err(None) if the connection fails, Err(Some(code)) if the call does.
-async fn raft_vote(creds: &Path, addr: &str) -> Result<(), Option<tonic::Code>> {
+/// A TLS connection to `addr` with the credentials in `creds`.
+async fn connect(creds: &Path, addr: &str) -> Result<tonic::transport::Channel, String> {
     let t = Transport::tls_from_dir(creds).expect("credentials");
-    let ch = t
-        .endpoint(addr)
+    t.endpoint(addr)
         .expect("endpoint")
         .connect()
         .await
-        .map_err(|_| None)?;
+        .map_err(|e| e.to_string())
+}
+
+/// Sends an (empty) Raft vote to `addr` with the credentials in `creds`:
+/// Err(None) if the connection fails, Err(Some(code)) if the call does.
+async fn raft_vote(creds: &Path, addr: &str) -> Result<(), Option<tonic::Code>> {
+    let ch = connect(creds, addr).await.map_err(|_| None)?;
     proto::raft::raft_service_client::RaftServiceClient::new(ch)
         .vote(proto::raft::VoteEnvelope::default())
         .await
         .map(|_| ())
         .map_err(|s| Some(s.code()))
+}
+
+/// Proposes "drain node `id`" to group 0 at `addr` as a raw gRPC call with
+/// the credentials in `creds`; the reply's error code.
+async fn raw_drain(creds: &Path, addr: &str, id: u64) -> proto::meta::ErrorCode {
+    use proto::meta::{command::Op, Command, ProposeRequest, SetStorageNodeOp, StorageState};
+    let ch = connect(creds, addr).await.expect("connect");
+    let r = proto::meta::meta_service_client::MetaServiceClient::new(ch)
+        .propose(ProposeRequest {
+            group_id: 0,
+            command: Some(Command {
+                version: proto::FORMAT_VERSION,
+                op: Some(Op::SetStorageNode(SetStorageNodeOp {
+                    node_id: id,
+                    addr: String::new(),
+                    state: StorageState::StorageDraining as i32,
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("propose answers")
+        .into_inner();
+    r.error.map_or(proto::meta::ErrorCode::Ok, |e| e.code())
 }
 
 /// Waits until something accepts TCP connections at `addr`.
@@ -132,6 +160,51 @@ async fn only_holders_of_the_cluster_certificate_and_token_get_in() {
         Err(Some(code)) => assert_eq!(code, tonic::Code::PermissionDenied),
         other => panic!("a client's vote: {other:?}"),
     }
+
+    // Nor propose the nodes' own commands: a raw Propose(SetStorageNode
+    // DRAINING) with the client certificate and no token drains nothing,
+    // on any node (each forwards nothing it refused).
+    for n in &c.nodes {
+        let code = raw_drain(&client, &n.addr, 3).await;
+        assert_eq!(code, proto::meta::ErrorCode::Permission, "node {}", n.id);
+    }
+    assert_eq!(storage_state(&c, &client, 3).as_deref(), Some("active"));
+
+    // A mount's own certificate works until its serial is revoked; then
+    // every node refuses it (within the 10 s reload), the others go on.
+    let jukebox = c.dir.path().join("jukebox");
+    let serial = musicfs_client::certs::issue(
+        &certs.join("ca"),
+        &musicfs_client::certs::Subject::Client {
+            name: "jukebox".into(),
+        },
+        &jukebox,
+        30,
+    )
+    .expect("jukebox certificate");
+    let out = musicfs(&c, Some(&jukebox), None, &["status"]);
+    assert!(out.status.success(), "jukebox status: {}", stderr(&out));
+    std::fs::write(
+        certs.join("revoked"),
+        format!("# the jukebox was stolen\n{serial}\n"),
+    )
+    .expect("revoke");
+    wait_for(
+        "the jukebox's certificate to be refused",
+        Duration::from_secs(30),
+        || async {
+            let out = musicfs(&c, Some(&jukebox), None, &["status"]);
+            (!out.status.success() && stderr(&out).contains("revoked")).then_some(())
+        },
+    )
+    .await;
+    let out = musicfs(&c, Some(&client), None, &["status"]);
+    assert!(out.status.success(), "admin status: {}", stderr(&out));
+    assert_eq!(
+        fs.read_file("/secret.flac").await.expect("read"),
+        b"audio over tls",
+        "this process's certificate is not revoked"
+    );
 
     // A node must start with a node certificate.
     let out = Command::new(bin_dir().join("musicfs-node"))

@@ -616,14 +616,14 @@ async fn direct_uploads_are_verified_and_fall_back_to_grpc() {
         let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 977 + len) as u8).collect();
         let id = ChunkId::of(&data);
         let first = direct.put(&node2, &id, &data, "1:2").await;
-        assert!(
-            matches!(first, DirectPut::Stored(true)),
-            "first upload of {len} bytes"
-        );
+        match first {
+            DirectPut::Stored(true, Some(r)) => assert_eq!(r.node, 2, "node 2's receipt"),
+            other => panic!("first upload of {len} bytes: {other:?}"),
+        }
         let again = direct.put(&node2, &id, &data, "1:3").await;
         assert!(
-            matches!(again, DirectPut::Stored(false)),
-            "second upload of {len} bytes"
+            matches!(again, DirectPut::Stored(false, Some(_))),
+            "second upload of {len} bytes: a receipt for a chunk already held too"
         );
         let on_disk = std::fs::read(chunk_path(&c.nodes[1].data, &id)).expect("chunk file");
         assert!(on_disk == data, "node 2 holds other bytes for {len}");
@@ -640,7 +640,7 @@ async fn direct_uploads_are_verified_and_fall_back_to_grpc() {
         DirectPut::Refused(e) => {
             assert_eq!(e.code(), proto::meta::ErrorCode::Invalid, "{e:?}")
         }
-        DirectPut::Stored(_) => panic!("bytes that do not match their id were stored"),
+        DirectPut::Stored(..) => panic!("bytes that do not match their id were stored"),
         DirectPut::Unanswered(m) | DirectPut::Failed(m) => {
             panic!("no answer to a mismatched upload: {m}")
         }
@@ -659,8 +659,12 @@ async fn direct_uploads_are_verified_and_fall_back_to_grpc() {
         .await
         .expect("gRPC upload");
     assert!(
-        held.contains(&2),
+        held.nodes.contains(&2),
         "node 2 does not hold the upload: {held:?}"
+    );
+    assert!(
+        held.receipts.iter().any(|r| r.node == 2),
+        "node 2's receipt over gRPC: {held:?}"
     );
     let after = scrape(&metrics_addr);
     assert_eq!(calls(&before, PUT, "0"), calls(&after, PUT, "0"));

@@ -13,6 +13,7 @@ use proto::chunkwire::{
     decode_request_head, encode_reply_head, FIRST_BYTE, HELLO, MAX_TAG_LEN, OP_GET, OP_PUT,
     REQUEST_HEAD, STATUS_BAD_REQUEST, STATUS_ERROR, STATUS_NOT_FOUND, STATUS_OK, STATUS_REFUSED,
 };
+use proto::transport::Transport;
 use proto::ChunkId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::aligned::AlignedBuf;
 use crate::chunkstore::{ChunkStore, MAX_CHUNK_BYTES};
+use crate::conns::{ConnTable, Counted, Refused};
 
 // A reply announcing a chunk the client's bound refuses would never be read.
 const _: () = assert!(MAX_CHUNK_BYTES <= proto::chunkwire::MAX_REPLY_BYTES as usize);
@@ -46,16 +48,18 @@ static UPLOAD_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 pub fn split_incoming(
     listener: TcpListener,
     store: Arc<ChunkStore>,
+    wire: Transport,
+    conns: Arc<ConnTable>,
     direct: bool,
 ) -> (
-    ReceiverStream<io::Result<TcpStream>>,
+    ReceiverStream<io::Result<Counted>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors, or a connection reset before it
                     // was accepted: the listener itself is fine.
@@ -64,21 +68,35 @@ pub fn split_incoming(
                     continue;
                 }
             };
+            let guard = match conns.admit(peer.ip()) {
+                Ok(g) => g,
+                Err(why) => {
+                    let reason = match why {
+                        Refused::Total(_) => "total",
+                        Refused::Address(_) => "address",
+                    };
+                    crate::metrics::connection_refused(reason);
+                    tracing::debug!(%peer, ?why, "connection over the limit closed");
+                    continue;
+                }
+            };
+            crate::metrics::connections(conns.open());
             // Without TCP_NODELAY, small replies wait on delayed ACKs.
             let _ = stream.set_nodelay(true);
             let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(10));
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
-            let (tx, store) = (tx.clone(), store.clone());
+            let (tx, store, wire) = (tx.clone(), store.clone(), wire.clone());
             tokio::spawn(async move {
                 let mut first = [0u8; 1];
                 match tokio::time::timeout(IDLE, stream.peek(&mut first)).await {
                     Ok(Ok(1)) if direct && first[0] == FIRST_BYTE => {
-                        if let Err(e) = serve(stream, store).await {
+                        if let Err(e) = serve(stream, store, wire).await {
                             tracing::debug!(error = %e, "direct chunk connection ended");
                         }
+                        drop(guard);
                     }
                     Ok(Ok(1)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Counted::new(stream, guard))).await;
                     }
                     // Closed or silent before its first byte.
                     _ => {}
@@ -99,7 +117,7 @@ fn clean_tag(raw: &[u8]) -> String {
     }
 }
 
-async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> {
+async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>, wire: Transport) -> io::Result<()> {
     let mut hello = [0u8; HELLO.len()];
     tokio::time::timeout(IDLE, stream.read_exact(&mut hello)).await??;
     if hello != HELLO {
@@ -127,7 +145,7 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
         let id = ChunkId(id);
         let start = Instant::now();
         if op == OP_PUT {
-            if !receive_put(&mut stream, &store, id, &tag).await? {
+            if !receive_put(&mut stream, &store, &wire, id, &tag).await? {
                 return Ok(());
             }
             continue;
@@ -166,6 +184,7 @@ async fn serve(mut stream: TcpStream, store: Arc<ChunkStore>) -> io::Result<()> 
 async fn receive_put(
     stream: &mut TcpStream,
     store: &Arc<ChunkStore>,
+    wire: &Transport,
     id: ChunkId,
     tag: &str,
 ) -> io::Result<bool> {
@@ -202,7 +221,12 @@ async fn receive_put(
     let (status, payload, code) = match res {
         Ok(stored) => {
             tracing::debug!(req = %tag, %id, bytes = len, new = stored, "chunk stored");
-            (STATUS_OK, vec![u8::from(stored)], "0")
+            // Whether it is new, then the node's receipt for the commit.
+            let mut payload = vec![u8::from(stored)];
+            if let Some(r) = wire.receipt(&id.0, len as u64) {
+                r.encode(&mut payload).map_err(io::Error::other)?;
+            }
+            (STATUS_OK, payload, "0")
         }
         Err(e) => {
             tracing::warn!(req = %tag, %id, error = %e, "chunk put refused");

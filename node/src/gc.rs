@@ -280,13 +280,14 @@ impl Gc {
             let Some(mut c) = addrs.get(&node).and_then(|a| self.clients.get(a)) else {
                 continue;
             };
-            match c
-                .delete(DeleteChunksRequest {
-                    chunk_ids: ids,
-                    older_than_ms: horizon,
-                })
-                .await
-            {
+            let mut req = tonic::Request::new(DeleteChunksRequest {
+                chunk_ids: ids,
+                older_than_ms: horizon,
+            });
+            self.clients
+                .wire()
+                .sign(proto::auth::method::DELETE, &mut req);
+            match c.delete(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     self.freed(r.deleted, r.bytes);

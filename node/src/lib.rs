@@ -11,6 +11,7 @@ pub mod app;
 pub mod background;
 pub mod check;
 pub mod chunkstore;
+pub mod conns;
 pub mod coordinator;
 pub mod direct;
 pub mod gc;

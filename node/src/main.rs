@@ -64,6 +64,20 @@ struct Args {
     /// File with the admin token commands that change the cluster must carry.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// File with the cluster secret (the same on every node; `musicfs certs
+    /// secret` makes one): signs the calls only nodes may make (on plain
+    /// TCP) and the receipts of stored chunks. Required.
+    #[arg(long, env = "MUSICFS_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// File of revoked certificate serials, one per line.
+    #[arg(long)]
+    revoked_certs_file: Option<PathBuf>,
+    /// Connections kept open at most (default 8192).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections kept open at most from one address (default 512).
+    #[arg(long)]
+    max_connections_per_address: Option<usize>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -173,6 +187,27 @@ fn config(a: Args) -> Result<NodeConfig> {
     if let Some(v) = &a.admin_token_file {
         set(
             "admin_token_file",
+            toml::Value::String(v.display().to_string()),
+        );
+    }
+    if let Some(v) = &a.revoked_certs_file {
+        set(
+            "revoked_certs_file",
+            toml::Value::String(v.display().to_string()),
+        );
+    }
+    if let Some(v) = a.max_connections {
+        set("max_connections", toml::Value::Integer(v as i64));
+    }
+    if let Some(v) = a.max_connections_per_address {
+        set(
+            "max_connections_per_address",
+            toml::Value::Integer(v as i64),
+        );
+    }
+    if let Some(v) = &a.cluster_secret_file {
+        set(
+            "cluster_secret_file",
             toml::Value::String(v.display().to_string()),
         );
     }

@@ -34,6 +34,10 @@ pub const STORAGE_NODE_UP: &str = "musicfs_storage_node_up";
 pub const RPC_REQUESTS: &str = "musicfs_rpc_requests_total";
 pub const RPC_SECONDS: &str = "musicfs_rpc_duration_seconds";
 pub const META_ERRORS: &str = "musicfs_meta_errors_total";
+/// Connections open now, and those closed at once because the node's
+/// limits were reached (`reason` = `total`, `address`).
+pub const CONNECTIONS: &str = "musicfs_connections";
+pub const CONNECTIONS_REFUSED: &str = "musicfs_connections_refused_total";
 pub const RAFT_TERM: &str = "musicfs_raft_term";
 pub const RAFT_LAST_LOG: &str = "musicfs_raft_last_log_index";
 pub const RAFT_APPLIED: &str = "musicfs_raft_applied_index";
@@ -113,6 +117,14 @@ pub fn storage_node_removed(node: u64) {
 }
 
 /// A wire error a metadata call answered with, by call and code.
+pub fn connections(open: usize) {
+    metrics::gauge!(CONNECTIONS).set(open as f64);
+}
+
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
 pub fn meta_error(rpc: &'static str, code: &'static str) {
     metrics::counter!(META_ERRORS, "rpc" => rpc, "code" => code).increment(1);
 }

@@ -12,7 +12,7 @@ use prost::Message;
 use proto::meta::{
     command::Op, query::Q, Attr, ChunkDelta, ChunkInfo, ChunkRecord, Command, CommandResult,
     CommitLayoutOp, CreateOp, DirEntry, DirentRecord, Error as WireError, ErrorCode, Extent,
-    FileKind, GroupRecord, InitOp, InodeRecord, LayoutRecord, LinkOp, NewInodeSub, Query,
+    FileKind, GroupRecord, InitOp, InodeRecord, LayoutRecord, LinkOp, NewInodeSub, Origin, Query,
     QueryResult, RemoveOp, RenameOp, SearchQuery, SetAttrOp, SetTagsOp, StatFs, Tags, Timespec,
     TrackHit,
 };
@@ -20,10 +20,12 @@ use proto::{
     dir_group, group_of_ino, make_ino, validate_name, ChunkId, NameError, FORMAT_VERSION, ROOT_INO,
 };
 
+pub mod admission;
 pub mod feed;
 pub mod placement;
 pub mod tagindex;
 pub mod txn;
+pub use admission::{is_client_op, op_name};
 pub use txn::{DecisionInfo, IntentInfo, OutboxInfo};
 
 /// Most hard links one inode may have (as ext4).
@@ -755,6 +757,12 @@ impl Namespace {
                 cmd.version
             )));
         }
+        if cmd.origin() == Origin::Client && !is_client_op(op) {
+            return Err(NsError::Permission(format!(
+                "{} is an internal command: only cluster nodes propose it",
+                op_name(op)
+            )));
+        }
         match op {
             Op::Init(op) => self.init(txn, op, now),
             Op::Create(op) => self.create(txn, op, now),
@@ -1026,7 +1034,8 @@ impl Namespace {
             return Err(NsError::Invalid("file kind not given".into()));
         }
         if kind == FileKind::Symlink
-            && (op.symlink_target.is_empty() || op.symlink_target.len() > 4095)
+            && (op.symlink_target.is_empty()
+                || op.symlink_target.len() > admission::MAX_SYMLINK_TARGET)
         {
             return Err(NsError::Invalid(
                 "symlink target must be 1..4095 bytes".into(),

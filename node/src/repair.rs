@@ -128,6 +128,11 @@ impl ChunkClients {
         }
     }
 
+    /// This node's credentials, which sign the calls only nodes make.
+    pub fn wire(&self) -> &proto::transport::Transport {
+        &self.wire
+    }
+
     pub fn get(&self, addr: &str) -> Option<ChunkServiceClient<Channel>> {
         let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let ch = match chans.get(addr) {
@@ -593,6 +598,9 @@ impl Repair {
                 sources: sources.clone(),
             });
             proto::tag_request(&mut req, &tag);
+            self.clients
+                .wire()
+                .sign(proto::auth::method::REPLICATE, &mut req);
             let r = c.replicate(req).await;
             match r.map(|r| r.into_inner()) {
                 Ok(r) if r.error.is_none() => {

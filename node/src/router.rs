@@ -424,6 +424,7 @@ pub fn internal_command(op: Op) -> Command {
         client_id: 0,
         request_seq: 0,
         acked_below: 0,
+        origin: proto::meta::Origin::Node as i32,
         op: Some(op),
     }
 }
@@ -469,6 +470,9 @@ impl Groups for Router {
                         if let Some(tag) = current_request_tag() {
                             proto::tag_request(&mut req, &tag);
                         }
+                        self.registry
+                            .wire()
+                            .sign(proto::auth::method::PROPOSE, &mut req);
                         self.client(&addr)?
                             .propose(req)
                             .await

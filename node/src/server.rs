@@ -12,9 +12,11 @@ use proto::storage::chunk_service_server::ChunkServiceServer;
 use proto::MAX_MESSAGE_BYTES;
 use raft::{RaftServer, RaftSettings, Registry, Store};
 use serde::Deserialize;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::app::NamespaceApp;
 use crate::chunkstore::{ChunkStore, DEFAULT_RESERVE_BYTES};
+use crate::conns::{ConnLimits, ConnTable};
 use crate::gc::{Gc, GcConfig};
 use crate::repair::{ChunkClients, Repair, RepairConfig};
 use crate::router::Router;
@@ -73,7 +75,36 @@ pub struct NodeConfig {
     /// init); the same on every node. Unset: no token is asked for.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding the cluster secret (64 hex digits, mode 0600, the same
+    /// on every node; `musicfs certs init` and `musicfs certs secret` make
+    /// one). Nodes sign the calls only nodes may make with it on plain TCP
+    /// (Raft, internal commands, chunk deletion and repair), and storage
+    /// nodes the receipts that let a chunk location into the index.
+    /// Required.
+    #[serde(default)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Connections the node keeps open at most, in all and from one
+    /// address; more are closed as soon as they are accepted.
+    /// File of revoked certificate serial numbers, one per line (hex, as
+    /// `musicfs certs issue` prints them); re-read within 10 s of a change.
+    /// A call with a revoked certificate is refused.
+    #[serde(default)]
+    pub revoked_certs_file: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
 }
+
+fn default_max_connections() -> usize {
+    ConnLimits::default().total
+}
+fn default_max_connections_per_address() -> usize {
+    ConnLimits::default().per_address
+}
+
+/// Calls one HTTP/2 connection may carry at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 fn default_gc_every_secs() -> u64 {
     60
@@ -151,6 +182,16 @@ pub enum NodeError {
          (`musicfs certs issue --ca CA_DIR --node ID --out DIR`)"
     )]
     NotANodeCertificate(String),
+    #[error("revoked certificates file {path}: {why}")]
+    Revoked { path: String, why: String },
+    #[error("cluster secret: {0}")]
+    Secret(#[from] proto::auth::AuthError),
+    #[error(
+        "a node needs the cluster secret (cluster_secret_file, or --cluster-secret-file; \
+         `musicfs certs init` or `musicfs certs secret --out FILE` makes one, to copy to every \
+         node): it signs the calls only nodes may make and the receipts of stored chunks"
+    )]
+    NoSecret,
 }
 
 fn data_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -195,7 +236,50 @@ fn credentials(cfg: &NodeConfig) -> Result<proto::transport::Transport, NodeErro
     {
         return Err(NodeError::NotANodeCertificate(dir.display().to_string()));
     }
-    Ok(wire)
+    match &cfg.cluster_secret_file {
+        Some(f) => Ok(wire.with_secret(proto::auth::ClusterSecret::read(f)?, cfg.id)),
+        None => Err(NodeError::NoSecret),
+    }
+}
+
+/// Reads the revoked serials file.
+fn read_revoked(path: &Path) -> Result<std::collections::HashSet<String>, NodeError> {
+    let bad = |why: String| NodeError::Revoked {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    proto::transport::Revoked::parse(&text).map_err(bad)
+}
+
+/// Re-reads the revoked serials file when it changes; a file that turns
+/// unreadable or malformed keeps the list in force (and says so).
+async fn reload_revoked(path: PathBuf, revoked: Arc<proto::transport::Revoked>) {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = mtime(&path);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        let now = mtime(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match read_revoked(&path) {
+            Ok(set) => {
+                tracing::info!(revoked = set.len(), file = %path.display(), "revoked certificates reloaded");
+                revoked.replace(set);
+            }
+            Err(e) => tracing::error!(error = %e, "keeping the revoked certificates in force"),
+        }
+    }
+}
+
+/// An interceptor that refuses calls made with a revoked certificate.
+fn not_revoked(
+    revoked: &Arc<proto::transport::Revoked>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let revoked = revoked.clone();
+    move |req| revoked.check(&req).map(|()| req)
 }
 
 /// How long a stopping node waits for requests in flight.
@@ -210,6 +294,11 @@ pub async fn run(
         return Err(NodeError::BadId);
     }
     let wire = credentials(&cfg)?;
+    let revoked = Arc::new(proto::transport::Revoked::default());
+    if let Some(f) = &cfg.revoked_certs_file {
+        revoked.replace(read_revoked(f)?);
+    }
+    let nofile = crate::conns::raise_nofile_limit();
     std::fs::create_dir_all(&cfg.data).map_err(data_err(&cfg.data))?;
     let _lock = lock_dir(&cfg.data)?;
     let store = Store::open(&cfg.data.join("meta"))?;
@@ -300,18 +389,28 @@ pub async fn run(
         },
     );
     let gc_task = tokio::spawn(gc.clone().run());
-    // The chunk store's size and free space, for the metrics.
+    let conns = ConnTable::new(ConnLimits {
+        total: cfg.max_connections.max(1),
+        per_address: cfg.max_connections_per_address.max(1),
+    });
+    // The chunk store's size and free space, and the connections open,
+    // for the metrics.
     let store_gauges = {
-        let chunks = chunks.clone();
+        let (chunks, conns) = (chunks.clone(), conns.clone());
         tokio::spawn(async move {
             loop {
                 let (free, _) = chunks.disk_space().unwrap_or((0, 0));
                 crate::metrics::store(chunks.chunk_count(), chunks.chunk_bytes(), free);
+                crate::metrics::connections(conns.open());
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
         })
     };
     let background = tokio::spawn(crate::background::run(router));
+    let _revoked_reload = cfg
+        .revoked_certs_file
+        .clone()
+        .map(|f| crate::background::AbortOnDrop(tokio::spawn(reload_revoked(f, revoked.clone()))));
     let raft_svc = RaftServer::new(registry.clone(), snap_root.join("incoming"));
     let admin = Arc::new(AdminSvc {
         registry: registry.clone(),
@@ -328,7 +427,19 @@ pub async fn run(
             handle,
         )))
     });
-    tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), tls = wire.is_tls(), admin_token = wire.token().is_some(), "node started");
+    tracing::info!(id = cfg.id, listen = %cfg.listen, data = %cfg.data.display(), cluster = %registry.cluster_id(), tls = wire.is_tls(), admin_token = wire.token().is_some(), cluster_secret = wire.secret().is_some(), open_files = nofile, "node started");
+    if !wire.is_tls() {
+        tracing::warn!(
+            "PLAIN TCP: nothing is encrypted; node calls are signed with the cluster secret, \
+             but clients are not authenticated and {} travels in clear text. \
+             Use tls_dir (musicfs certs init) on any network the cluster does not own",
+            if wire.token().is_some() {
+                "the admin token"
+            } else {
+                "every request"
+            }
+        );
+    }
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
     // Requests still waiting (a proposal behind a partition, a read behind
@@ -343,8 +454,13 @@ pub async fn run(
     };
     // Chunk reads over the direct protocol share the gRPC port; under TLS
     // every connection is gRPC's.
-    let (incoming, accept_task) =
-        crate::direct::split_incoming(listener, chunks.clone(), !wire.is_tls());
+    let (incoming, accept_task) = crate::direct::split_incoming(
+        listener,
+        chunks.clone(),
+        wire.clone(),
+        conns.clone(),
+        !wire.is_tls(),
+    );
     let _accept_task = crate::background::AbortOnDrop(accept_task);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = wire.server_tls() {
@@ -352,32 +468,51 @@ pub async fn run(
     }
     let server = builder
         .layer(crate::metrics::RpcLayer)
+        // Dead peers' connections close (a ping unanswered for 20 s); a
+        // connection carries at most 1,024 calls at once.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .max_frame_size(proto::MAX_FRAME_BYTES)
-        // Raft messages only from nodes: a client certificate must not
-        // be able to append to or vote in a group.
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        // Raft messages only from nodes: a client certificate is refused
+        // before its body is read; each call's handler checks the node's
+        // certificate or signature.
+        .add_service(InterceptedService::new(
             RaftServiceServer::new(raft_svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            |req: tonic::Request<()>| proto::transport::check_node(&req).map(|()| req),
+            {
+                let revoked = revoked.clone();
+                move |req: tonic::Request<()>| {
+                    proto::transport::deny_client_certificates(&req)?;
+                    revoked.check(&req).map(|()| req)
+                }
+            },
         ))
-        .add_service(
+        .add_service(InterceptedService::new(
             MetaServiceServer::from_arc(meta)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            not_revoked(&revoked),
+        ))
+        .add_service(InterceptedService::new(
             ChunkServiceServer::new(ChunkSvc {
                 store: chunks,
                 clients,
                 scrub,
+                wire: wire.clone(),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(AdminServiceServer::from_arc(admin.clone()))
+            not_revoked(&revoked),
+        ))
+        .add_service(InterceptedService::new(
+            AdminServiceServer::from_arc(admin.clone()),
+            not_revoked(&revoked),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         r = server => r?,

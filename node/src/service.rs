@@ -18,7 +18,7 @@ use proto::meta::meta_service_client::MetaServiceClient;
 use proto::meta::meta_service_server::MetaService;
 use proto::meta::{
     command::Op, query::Q, Command, CommandResult, Error as WireError, ErrorCode, FileKind,
-    GroupRecord, InitOp, NodeChunksQuery, ProposeRequest, QueryRequest, QueryResult,
+    GroupRecord, InitOp, NodeChunksQuery, Origin, ProposeRequest, QueryRequest, QueryResult,
     SetStorageNodeOp, StorageNode, StorageState, Timespec,
 };
 use proto::storage::chunk_service_server::ChunkService;
@@ -36,7 +36,7 @@ use crate::app::ViewKv;
 use crate::chunkstore::{ChunkError, ChunkStore};
 use crate::coordinator::{self, Groups};
 use crate::gc::Gc;
-use crate::namespace::{crossed, keys, Namespace};
+use crate::namespace::{admission, crossed, is_client_op, keys, op_name, Namespace};
 use crate::repair::{ChunkClients, Repair};
 use crate::router::{internal_command, propose_local, query_local, Router};
 use crate::scrub::Scrub;
@@ -162,24 +162,61 @@ impl MetaService for MetaSvc {
         request: Request<ProposeRequest>,
     ) -> Result<Response<CommandResult>, Status> {
         let forwarded_tag = proto::request_tag_of(&request);
+        // A node (its certificate, or its signature with the cluster
+        // secret) may propose anything; everyone else only what a file
+        // system needs, checked before it costs a log entry.
+        let from_node = self
+            .registry
+            .wire()
+            .is_node_call(&request, proto::auth::method::PROPOSE);
+        let encoded_len = request
+            .get_ref()
+            .command
+            .as_ref()
+            .map_or(0, |c| c.encoded_len());
         let req = request.into_inner();
-        let Some(cmd) = req.command else {
-            return Ok(Response::new(CommandResult {
-                error: Some(WireError::new(
-                    ErrorCode::Invalid,
-                    "request carries no command",
-                )),
+        let refuse = |code, msg: String| {
+            crate::metrics::meta_error("propose", ErrorCode::as_str_name(&code));
+            Ok(Response::new(CommandResult {
+                error: Some(WireError::new(code, msg)),
                 ..Default::default()
-            }));
+            }))
         };
-        if matches!(cmd.op, Some(Op::Init(_))) {
-            return Ok(Response::new(CommandResult {
-                error: Some(WireError::new(
-                    ErrorCode::Invalid,
-                    "groups are initialised by `cluster init`",
+        let Some(mut cmd) = req.command else {
+            return refuse(ErrorCode::Invalid, "request carries no command".into());
+        };
+        if from_node {
+            cmd.origin = Origin::Node as i32;
+        } else {
+            if let Some(op) = cmd.op.as_ref().filter(|op| !is_client_op(op)) {
+                tracing::warn!(
+                    op = op_name(op),
+                    group = req.group_id,
+                    "internal command from a client refused"
+                );
+                return refuse(
+                    ErrorCode::Permission,
+                    format!(
+                        "{} is an internal command: only cluster nodes may propose it",
+                        op_name(op)
+                    ),
+                );
+            }
+            let receipts = match self.registry.wire().secret() {
+                Some(secret) => admission::check_receipts(&cmd, secret, proto::auth::now_ms()),
+                None => Err(WireError::new(
+                    ErrorCode::Internal,
+                    "this node has no cluster secret to check chunk receipts",
                 )),
-                ..Default::default()
-            }));
+            };
+            if let Err(e) = admission::check(&cmd, encoded_len).and(receipts) {
+                crate::metrics::meta_error("propose", e.code().as_str_name());
+                return Ok(Response::new(CommandResult {
+                    error: Some(e),
+                    ..Default::default()
+                }));
+            }
+            cmd.origin = Origin::Client as i32;
         }
         #[cfg(feature = "failpoints")]
         let client = cmd.client_id;
@@ -236,7 +273,12 @@ pub struct ChunkSvc {
     pub store: Arc<ChunkStore>,
     pub clients: Arc<ChunkClients>,
     pub scrub: Arc<Scrub>,
+    /// This node's credentials: who may delete and replicate.
+    pub wire: Transport,
 }
+
+/// Most chunk ids one `Has` call may ask about: each costs a stat.
+pub const MAX_HAS_IDS: usize = 4096;
 
 pub fn chunk_error(e: &ChunkError) -> WireError {
     let code = match e {
@@ -271,6 +313,7 @@ impl ChunkService for ChunkSvc {
                 return Ok(Response::new(PutChunkResponse {
                     error: Some(e),
                     stored: false,
+                    receipt: None,
                 }))
             }
         };
@@ -285,6 +328,7 @@ impl ChunkService for ChunkSvc {
                 PutChunkResponse {
                     error: None,
                     stored,
+                    receipt: self.wire.receipt(&id.0, len as u64),
                 }
             }
             Err(e) => {
@@ -292,6 +336,7 @@ impl ChunkService for ChunkSvc {
                 PutChunkResponse {
                     error: Some(chunk_error(&e)),
                     stored: false,
+                    receipt: None,
                 }
             }
         }))
@@ -349,15 +394,38 @@ impl ChunkService for ChunkSvc {
         request: Request<HasChunksRequest>,
     ) -> Result<Response<HasChunksResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(match parse_ids(&req.chunk_ids) {
-            Ok(ids) => HasChunksResponse {
-                error: None,
-                present: ids.iter().map(|id| self.store.has(id)).collect(),
-            },
-            Err(e) => HasChunksResponse {
-                error: Some(e),
+        if req.chunk_ids.len() > MAX_HAS_IDS {
+            return Ok(Response::new(HasChunksResponse {
+                error: Some(WireError::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "{} chunk ids in one call; at most {MAX_HAS_IDS}",
+                        req.chunk_ids.len()
+                    ),
+                )),
                 present: vec![],
-            },
+            }));
+        }
+        let ids = match parse_ids(&req.chunk_ids) {
+            Ok(ids) => ids,
+            Err(e) => {
+                return Ok(Response::new(HasChunksResponse {
+                    error: Some(e),
+                    present: vec![],
+                }))
+            }
+        };
+        // Stats block: never on the runtime's threads, which carry Raft's
+        // heartbeats.
+        let store = self.store.clone();
+        let present = tokio::task::spawn_blocking(move || {
+            ids.iter().map(|id| store.has(id)).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(HasChunksResponse {
+            error: None,
+            present,
         }))
     }
 
@@ -365,7 +433,8 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<DeleteChunksRequest>,
     ) -> Result<Response<DeleteChunksResponse>, Status> {
-        proto::transport::check_node(&request)?;
+        self.wire
+            .check_node_call(&request, proto::auth::method::DELETE)?;
         let req = request.into_inner();
         let ids = match parse_ids(&req.chunk_ids) {
             Ok(ids) => ids,
@@ -413,7 +482,8 @@ impl ChunkService for ChunkSvc {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
-        proto::transport::check_node(&request)?;
+        self.wire
+            .check_node_call(&request, proto::auth::method::REPLICATE)?;
         let tag = proto::request_tag_of(&request).unwrap_or_default();
         let req = request.into_inner();
         let reply = |error: Option<WireError>, bytes: u64| {
@@ -738,12 +808,14 @@ async fn join(
     groups: u32,
 ) -> Result<(), WireError> {
     let mut c = admin_at(wire, addr).await?;
+    let mut req = wire.request(JoinRequest {
+        cluster_id: cluster.to_string(),
+        peers,
+        group_count: groups,
+    });
+    wire.sign(proto::auth::method::JOIN, &mut req);
     let r = c
-        .join(wire.request(JoinRequest {
-            cluster_id: cluster.to_string(),
-            peers,
-            group_count: groups,
-        }))
+        .join(req)
         .await
         .map_err(|s| unreachable(addr, s.message().to_string()))?
         .into_inner();
@@ -787,12 +859,12 @@ async fn forward(wire: &Transport, addr: &str, group: u32, cmd: Command) -> Comm
     let res = async {
         let ch = wire.endpoint(addr)?.connect().await?;
         let mut c = MetaServiceClient::new(ch);
-        let r = c
-            .propose(ProposeRequest {
-                group_id: group,
-                command: Some(cmd),
-            })
-            .await?;
+        let mut req = Request::new(ProposeRequest {
+            group_id: group,
+            command: Some(cmd),
+        });
+        wire.sign(proto::auth::method::PROPOSE, &mut req);
+        let r = c.propose(req).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(r.into_inner())
     }
     .await;
@@ -943,6 +1015,9 @@ impl AdminService for AdminSvc {
             scrub: Some(self.scrub.status()),
             gc: Some(self.gc.status().await),
             workers: vec![self.repair.worker(), self.scrub.worker(), self.gc.worker()],
+            tls: self.registry.wire().is_tls(),
+            admin_token: self.registry.wire().token().is_some(),
+            cluster_secret: self.registry.wire().secret().is_some(),
             error: None,
             node_id: self.registry.node_id(),
             cluster_id: self.registry.cluster_id(),
@@ -1053,7 +1128,14 @@ impl AdminService for AdminSvc {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        self.allow(&request, "join")?;
+        // Only a node of the cluster hands a storage node its cluster (an
+        // operator's `node add` goes through one), token or not.
+        self.registry
+            .wire()
+            .check_node_call(&request, proto::auth::method::JOIN)
+            .inspect_err(|s| {
+                tracing::warn!(peer = ?request.remote_addr(), reason = s.message(), "join refused")
+            })?;
         let req = request.into_inner();
         let fail = |code, msg: String| {
             Ok(Response::new(JoinResponse {

@@ -138,6 +138,32 @@ pub fn problems(st: &StatusResponse) -> Vec<String> {
     p
 }
 
+/// What an operator should know about how the node is secured, if it is
+/// not TLS with an admin token.
+pub fn security_warning(st: &StatusResponse) -> Option<String> {
+    match (st.tls, st.admin_token) {
+        (true, true) => None,
+        (true, false) => Some(
+            "TLS without an admin token: any holder of a client certificate may change the cluster"
+                .into(),
+        ),
+        (false, token) => Some(format!(
+            "PLAIN TCP: nothing is encrypted and clients are not authenticated{}; \
+             node calls are {}",
+            if token {
+                "; the admin token travels in clear text"
+            } else {
+                "; no admin token is asked for"
+            },
+            if st.cluster_secret {
+                "signed with the cluster secret"
+            } else {
+                "NOT signed"
+            }
+        )),
+    }
+}
+
 /// The status page.
 pub fn render(st: &StatusResponse) -> String {
     let problems = problems(st);
@@ -167,6 +193,9 @@ pub fn render(st: &StatusResponse) -> String {
             "DEGRADED"
         }
     );
+    if let Some(w) = security_warning(st) {
+        let _ = write!(h, "<p class=\"bad\" id=\"security\">{}</p>", esc(&w));
+    }
     if !problems.is_empty() {
         h.push_str("<ul id=\"problems\">");
         for p in &problems {

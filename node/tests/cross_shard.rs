@@ -78,6 +78,7 @@ impl Mem {
             client_id: client,
             request_seq: seq,
             acked_below,
+            origin: 0,
             op: Some(op),
         };
         let mut kv = self.kv.lock().unwrap();
@@ -156,6 +157,7 @@ async fn request(
                 client_id: client,
                 request_seq: seq,
                 acked_below: 0,
+                origin: 0,
                 op: Some(op),
             };
             let r = coordinator::run(node, g, node.mem.groups, &cmd).await;
@@ -179,6 +181,7 @@ async fn request(
                 client_id: client,
                 request_seq: seq,
                 acked_below: 0,
+                origin: 0,
                 op: Some(op),
             };
             let r = coordinator::mkdir_batch(node, g, node.mem.groups, &cmd, r).await;
@@ -525,6 +528,7 @@ async fn a_stalled_run_does_not_commit_after_its_retry_was_answered() {
         client_id: 9,
         request_seq: 5,
         acked_below: 0,
+        origin: 0,
         op: Some(op),
     };
     let first = coordinator::run(&node, 0, 4, &cmd).await;
@@ -581,6 +585,7 @@ async fn a_request_the_client_has_moved_past_never_applies_again() {
         client_id: 9,
         request_seq: 5,
         acked_below: 5,
+        origin: 0,
         op: Some(rename.clone()),
     };
     let late = coordinator::run(&node, 0, 4, &cmd).await;
@@ -654,6 +659,7 @@ async fn a_second_run_of_an_applied_request_answers_its_recorded_reply() {
         client_id: 9,
         request_seq: 5,
         acked_below: 0,
+        origin: 0,
         op: Some(rename),
     };
     let blind = coordinator::run(&NoRecords(Node::new(&mem, usize::MAX)), 0, 4, &cmd).await;
@@ -751,6 +757,7 @@ async fn a_name_replaced_before_the_prepare_is_retried_not_reported_missing() {
         client_id: 7,
         request_seq: 1,
         acked_below: 0,
+        origin: 0,
         op: Some(rename_op(p, "n", q, "n")),
     };
     let racing = Racing {
@@ -826,6 +833,7 @@ fn layout(ino: u64, ids: &[ChunkId], new: bool) -> Op {
                     chunk_id: id.0.to_vec().into(),
                     size: 100,
                     locations: vec![1, 2],
+                    ..Default::default()
                 })
                 .collect()
         } else {

@@ -437,7 +437,7 @@ proptest! {
                             ino: f,
                             extents: vec![Extent { offset: 0, length: data.len() as u64, chunk_id: Bytes::copy_from_slice(&id.0), chunk_offset: 0 }],
                             size: data.len() as u64,
-                            new_chunks: vec![NewChunk { chunk_id: Bytes::copy_from_slice(&id.0), size: data.len() as u64, locations: vec![1, 2] }],
+                            new_chunks: vec![NewChunk { chunk_id: Bytes::copy_from_slice(&id.0), size: data.len() as u64, locations: vec![1, 2], ..Default::default() }],
                             mtime: None,
                             kill_suid: false,
                             checked_at_ms: 0,
@@ -513,6 +513,7 @@ fn layouts_reject_unknown_chunks_and_truncate_drops_references() {
             chunk_id: Bytes::copy_from_slice(&id.0),
             size: data.len() as u64,
             locations: vec![1],
+            ..Default::default()
         }],
         ..Default::default()
     }))
@@ -552,6 +553,7 @@ fn a_retried_command_applies_once_and_gets_the_first_result() {
         client_id: 42,
         request_seq: seq,
         acked_below,
+        origin: 0,
         op: Some(Op::Create(CreateOp {
             parent: ROOT_INO,
             name: name.as_bytes().to_vec().into(),
@@ -614,6 +616,7 @@ fn unreferenced_chunks_are_reaped_only_past_the_horizon() {
                 chunk_id: Bytes::copy_from_slice(&id.0),
                 size: data.len() as u64,
                 locations: vec![1, 2, 3],
+                ..Default::default()
             }],
             checked_at_ms,
             ..Default::default()

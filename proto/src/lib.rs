@@ -17,6 +17,7 @@ pub mod admin {
     tonic::include_proto!("musicfs.admin");
 }
 
+pub mod auth;
 pub mod chunkwire;
 mod convert;
 pub mod display;

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::metadata::MetadataValue;
+
+use crate::auth::{AuthError, ClusterSecret, AUTH_HEADER};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// The DNS name in every node certificate.
@@ -48,6 +50,8 @@ struct Tls {
 pub struct Transport {
     tls: Option<Arc<Tls>>,
     token: Option<Arc<str>>,
+    /// Nodes only: the cluster secret, and the node id its signatures name.
+    secret: Option<(Arc<ClusterSecret>, u64)>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -56,6 +60,7 @@ impl std::fmt::Debug for Transport {
         f.debug_struct("Transport")
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.is_some())
+            .field("secret", &self.secret.is_some())
             .finish()
     }
 }
@@ -95,6 +100,7 @@ impl Transport {
         Ok(Transport {
             tls: Some(Arc::new(Tls { ca, cert, key })),
             token: None,
+            secret: None,
         })
     }
 
@@ -138,6 +144,116 @@ impl Transport {
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// The same credentials plus the cluster secret, with which node
+    /// `node_id` signs the calls only nodes make.
+    pub fn with_secret(mut self, secret: ClusterSecret, node_id: u64) -> Self {
+        self.secret = Some((Arc::new(secret), node_id));
+        self
+    }
+
+    /// The cluster secret, on a node that has one.
+    pub fn secret(&self) -> Option<&ClusterSecret> {
+        self.secret.as_ref().map(|(s, _)| &**s)
+    }
+
+    /// This node's receipt for holding chunk `id` of `size` bytes now.
+    pub fn receipt(&self, id: &[u8], size: u64) -> Option<crate::meta::Receipt> {
+        let (s, node) = self.secret.as_ref()?;
+        let at_ms = crate::auth::now_ms();
+        Some(crate::meta::Receipt {
+            node: *node,
+            at_ms,
+            mac: bytes::Bytes::copy_from_slice(&s.receipt(*node, id, size, at_ms)),
+        })
+    }
+
+    /// Signs a call only nodes may make (a no-op without the secret: over
+    /// TLS the node certificate speaks for the caller).
+    pub fn sign<M: prost::Message>(&self, method: &str, req: &mut tonic::Request<M>) {
+        if let Some((s, node)) = &self.secret {
+            let body = req.get_ref().encode_to_vec();
+            let (h, _) = s.sign_at(method, *node, crate::auth::now_ms(), &body);
+            if let Ok(v) = MetadataValue::try_from(h) {
+                req.metadata_mut().insert(AUTH_HEADER, v);
+            }
+        }
+    }
+
+    /// Signs the opening of a stream; the MAC its pieces chain from.
+    pub fn sign_stream<T>(&self, method: &str, req: &mut tonic::Request<T>) -> Option<[u8; 32]> {
+        let (s, node) = self.secret.as_ref()?;
+        let (h, mac) = s.sign_at(method, *node, crate::auth::now_ms(), b"");
+        let v = MetadataValue::try_from(h).ok()?;
+        req.metadata_mut().insert(AUTH_HEADER, v);
+        Some(mac)
+    }
+
+    /// The access check of a call only nodes make: a node certificate over
+    /// TLS, else a valid signature with the cluster secret. The node that
+    /// signed, when the call was signed.
+    pub fn check_node_call<M: prost::Message>(
+        &self,
+        req: &tonic::Request<M>,
+        method: &str,
+    ) -> Result<Option<u64>, tonic::Status> {
+        // The body is encoded only for a call that carries a signature: a
+        // client's call is refused, or let through, without that cost.
+        self.check_signed(req, method, || req.get_ref().encode_to_vec())
+            .map(|s| s.map(|s| s.node))
+    }
+
+    /// The same for the opening of a stream: the MAC its first piece
+    /// chains from, when it was signed (None: a node certificate vouches).
+    pub fn check_node_stream<T>(
+        &self,
+        req: &tonic::Request<T>,
+        method: &str,
+    ) -> Result<Option<[u8; 32]>, tonic::Status> {
+        self.check_signed(req, method, Vec::new)
+            .map(|s| s.map(|s| s.mac))
+    }
+
+    fn check_signed<T>(
+        &self,
+        req: &tonic::Request<T>,
+        method: &str,
+        body: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<crate::auth::Signed>, tonic::Status> {
+        match peer_of(req) {
+            Peer::Node => return Ok(None),
+            Peer::Client => {
+                return Err(tonic::Status::permission_denied(
+                    "only cluster nodes may make this call (the certificate is a client's)",
+                ))
+            }
+            Peer::Unknown => {}
+        }
+        let Some((s, _)) = &self.secret else {
+            return Err(tonic::Status::permission_denied(
+                "only cluster nodes may make this call, and this node has no cluster secret to check it",
+            ));
+        };
+        let header = req
+            .metadata()
+            .get(AUTH_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let body = if header.is_some() { body() } else { Vec::new() };
+        s.verify_at(method, header, &body, crate::auth::now_ms())
+            .map(Some)
+            .map_err(|e| match e {
+                AuthError::Unsigned => tonic::Status::unauthenticated(format!(
+                    "only cluster nodes may make this call ({method}): {e}"
+                )),
+                e => tonic::Status::permission_denied(format!("{method}: {e}")),
+            })
+    }
+
+    /// Whether `req` comes from a node: a node certificate, or a valid
+    /// signature of `method` over its body.
+    pub fn is_node_call<M: prost::Message>(&self, req: &tonic::Request<M>, method: &str) -> bool {
+        self.check_node_call(req, method).is_ok()
     }
 
     /// Whether the certificate this process presents is a node's (a node
@@ -285,14 +401,90 @@ pub fn check_admin<T>(
     }
 }
 
-/// The access check of a call only nodes make (Raft, chunk deletion, joins):
-/// over TLS the caller must present a node certificate.
-pub fn check_node<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+/// Refuses a client certificate early, before the body is read, on
+/// services only nodes call (the handlers check the caller fully).
+pub fn deny_client_certificates<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
     match peer_of(req) {
         Peer::Client => Err(tonic::Status::permission_denied(
             "only cluster nodes may make this call (the certificate is a client's)",
         )),
         Peer::Node | Peer::Unknown => Ok(()),
+    }
+}
+
+/// A certificate serial as nodes compare them: lowercase hex without
+/// separators or leading zeros (`0A:1b` and `a1b` are one serial).
+pub fn normalize_serial(s: &str) -> String {
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let t = hex.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.into()
+    }
+}
+
+/// The serial number of a DER certificate, normalized.
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(normalize_serial(&cert.raw_serial_as_string()))
+}
+
+/// Serial numbers of certificates a node no longer accepts (its
+/// `revoked_certs_file`), replaced whole when the file changes.
+#[derive(Default, Debug)]
+pub struct Revoked {
+    serials: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+impl Revoked {
+    /// One serial per line (hex, `:` allowed); `#` starts a comment.
+    pub fn parse(text: &str) -> Result<std::collections::HashSet<String>, String> {
+        let mut out = std::collections::HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let l = line.split('#').next().unwrap_or("").trim();
+            if l.is_empty() {
+                continue;
+            }
+            if !l.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+                return Err(format!("line {}: {l:?} is not a hex serial number", i + 1));
+            }
+            out.insert(normalize_serial(l));
+        }
+        Ok(out)
+    }
+
+    pub fn replace(&self, serials: std::collections::HashSet<String>) {
+        *self.serials.write().unwrap_or_else(|e| e.into_inner()) = serials;
+    }
+
+    pub fn len(&self) -> usize {
+        self.serials.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Refuses a call whose TLS certificate is revoked.
+    pub fn check<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        let serials = self.serials.read().unwrap_or_else(|e| e.into_inner());
+        if serials.is_empty() {
+            return Ok(());
+        }
+        let Some(cert) = req.peer_certs().and_then(|c| c.first().cloned()) else {
+            return Ok(());
+        };
+        match serial_of(&cert) {
+            Some(s) if serials.contains(&s) => Err(tonic::Status::permission_denied(format!(
+                "certificate {s} is revoked on this cluster"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -339,6 +531,24 @@ mod tests {
                 .code(),
             tonic::Code::PermissionDenied
         );
+    }
+
+    #[test]
+    fn revoked_serials_are_parsed_and_normalized() {
+        let set = Revoked::parse("# jukebox, lost\n0A:1b:C3\n\n  ff00 # kitchen\n").expect("parse");
+        assert!(set.contains("a1bc3"));
+        assert!(set.contains("ff00"));
+        assert_eq!(set.len(), 2);
+        assert!(Revoked::parse("not-hex").is_err());
+        assert_eq!(normalize_serial("00:00"), "0");
+        let r = Revoked::default();
+        assert!(
+            r.check(&tonic::Request::new(())).is_ok(),
+            "plain TCP carries no certificate"
+        );
+        r.replace(set);
+        assert_eq!(r.len(), 2);
+        assert!(r.check(&tonic::Request::new(())).is_ok());
     }
 
     #[test]

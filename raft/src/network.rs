@@ -18,6 +18,7 @@ use openraft::raft::{
 };
 use openraft::type_config::alias::SnapshotOf;
 use openraft::BasicNode;
+use proto::auth::method;
 use proto::raft as pb;
 use proto::raft::raft_service_client::RaftServiceClient;
 use proto::raft::raft_service_server::RaftService;
@@ -280,6 +281,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
+        self.transport.wire.sign(method::APPEND, &mut r);
         let reply = c.append_entries(r).await;
         self.transport
             .observe(self.target, &self.addr, reply.as_ref().err());
@@ -327,6 +329,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
+        self.transport.wire.sign(method::VOTE, &mut r);
         let reply = c.vote(r).await;
         self.transport
             .observe(self.target, &self.addr, reply.as_ref().err());
@@ -360,6 +363,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
         let mut r = Request::new(env);
         r.set_timeout(option.soft_ttl());
+        self.transport.wire.sign(method::TRANSFER, &mut r);
         let reply = c.transfer_leader(r).await.map_err(status_err)?.into_inner();
         match reply.error {
             Some(e) => Err(remote_err(e)),
@@ -380,6 +384,14 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         // Read the file on a blocking thread, piece by piece, into a bounded channel.
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::SnapshotChunk>(4);
         let vote_pb = convert::vote_to_pb(&vote);
+        // The call is signed before its pieces exist; each piece then
+        // carries a MAC chained from the signature's.
+        let mut opening = Request::new(());
+        let mut chain = self
+            .transport
+            .wire
+            .sign_stream(method::SNAPSHOT, &mut opening);
+        let secret = self.transport.wire.secret().cloned();
         tokio::task::spawn_blocking(move || {
             let mut first = true;
             loop {
@@ -393,13 +405,20 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                 };
                 buf.truncate(n);
                 let done = n < SNAPSHOT_PIECE;
-                let chunk = pb::SnapshotChunk {
+                let mut chunk = pb::SnapshotChunk {
                     header: first.then(|| header.clone()),
                     vote: first.then_some(vote_pb),
                     meta: first.then(|| meta.clone()),
                     data: Bytes::from(buf),
                     done,
+                    mac: Bytes::new(),
                 };
+                if let (Some(prev), Some(s)) = (chain.as_ref(), secret.as_ref()) {
+                    use prost::Message;
+                    let m = s.chain(prev, &chunk.encode_to_vec());
+                    chunk.mac = Bytes::copy_from_slice(&m);
+                    chain = Some(m);
+                }
                 first = false;
                 if tx.blocking_send(chunk).is_err() || done {
                     return;
@@ -412,6 +431,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             .client(&self.addr)
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&NetErr(e.to_string()))))?;
         let mut req = Request::new(stream);
+        *req.metadata_mut() = opening.metadata().clone();
         req.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
         let send = c.install_snapshot(req);
         let reply = tokio::select! {
@@ -471,12 +491,39 @@ impl RaftServer {
         }
     }
 
-    async fn check(&self, h: &Option<pb::RaftHeader>) -> Result<crate::Raft, pb::RaftError> {
+    /// Checks a message's header and finds its group. A node's vote, append
+    /// or snapshot may create a replica of a group this node does not host
+    /// yet (a new cluster's node at `cluster init`, a node restored from
+    /// scratch); a leader transfer never does. Callers have checked that a
+    /// node of this cluster (its certificate or its signature) sent it.
+    async fn check(
+        &self,
+        h: &Option<pb::RaftHeader>,
+        may_create: bool,
+    ) -> Result<crate::Raft, pb::RaftError> {
         let h = h
             .as_ref()
             .ok_or_else(|| Self::err(codes::MALFORMED, "raft message without header"))?;
+        // Addressed to this node before anything else is looked at: a
+        // message for another node must change nothing here.
+        if h.to_node != self.registry.node_id() {
+            return Err(Self::err(
+                codes::WRONG_NODE,
+                format!(
+                    "this is node {}, not node {}",
+                    self.registry.node_id(),
+                    h.to_node
+                ),
+            ));
+        }
         let mine = self.registry.cluster_id();
         if mine.is_empty() {
+            if !may_create {
+                return Err(Self::err(
+                    codes::UNKNOWN_GROUP,
+                    format!("node {} belongs to no cluster yet", self.registry.node_id()),
+                ));
+            }
             // A fresh node joins the cluster whose nodes first contact it.
             self.registry
                 .adopt_cluster(&h.cluster_id)
@@ -497,18 +544,14 @@ impl RaftServer {
                 ),
             ));
         }
-        if h.to_node != self.registry.node_id() {
-            return Err(Self::err(
-                codes::WRONG_NODE,
-                format!(
-                    "this is node {}, not node {}",
-                    self.registry.node_id(),
-                    h.to_node
-                ),
-            ));
-        }
         if let Some(r) = self.registry.raft(h.group_id) {
             return Ok(r);
+        }
+        if !may_create {
+            return Err(Self::err(
+                codes::UNKNOWN_GROUP,
+                format!("group {} is not hosted here", h.group_id),
+            ));
         }
         if h.group_id >= MAX_GROUPS {
             return Err(Self::err(
@@ -516,12 +559,34 @@ impl RaftServer {
                 format!("group {} is out of range", h.group_id),
             ));
         }
-        // Every node hosts a replica of every group: create it on first contact.
         self.registry
             .ensure_group(h.group_id)
             .await
             .map(|g| g.raft().clone())
             .map_err(|e| Self::err(codes::UNKNOWN_GROUP, e.to_string()))
+    }
+
+    /// Checks one piece of a signed snapshot stream (no-op when a node
+    /// certificate vouched for the stream).
+    fn check_piece(
+        &self,
+        chain: &mut Option<[u8; 32]>,
+        piece: &pb::SnapshotChunk,
+    ) -> Result<(), Status> {
+        use prost::Message;
+        let Some(prev) = chain.as_ref() else {
+            return Ok(());
+        };
+        let secret = self.registry.wire().secret().ok_or_else(|| {
+            Status::permission_denied("this node has no cluster secret to check the snapshot")
+        })?;
+        let mut bare = piece.clone();
+        bare.mac = Bytes::new();
+        let next = secret
+            .verify_chain(prev, &bare.encode_to_vec(), &piece.mac)
+            .map_err(|e| Status::permission_denied(format!("snapshot piece: {e}")))?;
+        *chain = Some(next);
+        Ok(())
     }
 }
 
@@ -531,8 +596,11 @@ impl RaftService for RaftServer {
         &self,
         request: Request<pb::AppendEnvelope>,
     ) -> Result<Response<pb::AppendReply>, Status> {
+        self.registry
+            .wire()
+            .check_node_call(&request, method::APPEND)?;
         let env = request.into_inner();
-        let raft = match self.check(&env.header).await {
+        let raft = match self.check(&env.header, true).await {
             Ok(r) => r,
             Err(e) => {
                 return Ok(Response::new(pb::AppendReply {
@@ -606,8 +674,13 @@ impl RaftService for RaftServer {
         &self,
         request: Request<pb::VoteEnvelope>,
     ) -> Result<Response<pb::VoteReply>, Status> {
+        self.registry
+            .wire()
+            .check_node_call(&request, method::VOTE)?;
         let env = request.into_inner();
-        let raft = match self.check(&env.header).await {
+        // `cluster init` bootstraps every group on one node, whose first
+        // votes create the other nodes' replicas.
+        let raft = match self.check(&env.header, true).await {
             Ok(r) => r,
             Err(e) => {
                 return Ok(Response::new(pb::VoteReply {
@@ -662,12 +735,17 @@ impl RaftService for RaftServer {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let mut chain = self
+            .registry
+            .wire()
+            .check_node_stream(&request, method::SNAPSHOT)?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let raft = match self.check(&first.header).await {
+        self.check_piece(&mut chain, &first)?;
+        let raft = match self.check(&first.header, true).await {
             Ok(r) => r,
             Err(e) => {
                 return Ok(Response::new(pb::SnapshotReply {
@@ -713,6 +791,8 @@ impl RaftService for RaftServer {
                 let Some(c) = stream.message().await.map_err(std::io::Error::other)? else {
                     return Err(std::io::Error::other("snapshot stream ended early"));
                 };
+                self.check_piece(&mut chain, &c)
+                    .map_err(|e| std::io::Error::other(e.message().to_string()))?;
                 f.write_all(&c.data).await?;
                 done = c.done;
             }
@@ -747,8 +827,11 @@ impl RaftService for RaftServer {
         &self,
         request: Request<pb::TransferLeaderEnvelope>,
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        self.registry
+            .wire()
+            .check_node_call(&request, method::TRANSFER)?;
         let env = request.into_inner();
-        let raft = match self.check(&env.header).await {
+        let raft = match self.check(&env.header, false).await {
             Ok(r) => r,
             Err(e) => return Ok(Response::new(pb::TransferLeaderReply { error: Some(e) })),
         };

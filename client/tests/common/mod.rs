@@ -97,6 +97,7 @@ impl TestCluster {
         let mut c = Self::layout(n, &[]);
         let certs = c.certs_dir();
         musicfs_client::certs::init(&certs, n as u64 + 1, &[], 30).expect("certs init");
+        std::fs::write(certs.join("revoked"), "# none yet\n").expect("revoked list");
         for node in &mut c.nodes {
             node.args = vec![
                 "--tls-dir".into(),
@@ -106,6 +107,8 @@ impl TestCluster {
                     .to_string(),
                 "--admin-token-file".into(),
                 certs.join("admin-token").display().to_string(),
+                "--revoked-certs-file".into(),
+                certs.join("revoked").display().to_string(),
             ];
         }
         let t = proto::transport::Transport::tls_from_dir(&certs.join("client"))
@@ -120,6 +123,11 @@ impl TestCluster {
 
     pub fn certs_dir(&self) -> PathBuf {
         self.dir.path().join("certs")
+    }
+
+    /// The cluster secret every node of this cluster is started with.
+    pub fn secret_file(&self) -> PathBuf {
+        self.dir.path().join("cluster-secret")
     }
 
     fn layout(n: usize, extra: &[&str]) -> TestCluster {
@@ -140,6 +148,8 @@ impl TestCluster {
                 cgroup: None,
             });
         }
+        proto::auth::ClusterSecret::write_new(&dir.path().join("cluster-secret"))
+            .expect("cluster secret");
         TestCluster { dir, nodes }
     }
 
@@ -196,6 +206,7 @@ impl TestCluster {
     }
 
     pub fn spawn(&mut self, i: usize) {
+        let secret = self.secret_file();
         let n = &mut self.nodes[i];
         assert!(n.child.is_none(), "node {} already running", n.id);
         let log = std::fs::OpenOptions::new()
@@ -227,6 +238,7 @@ impl TestCluster {
                     "info,openraft=warn,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error".into()
                 }),
             )
+            .env("MUSICFS_CLUSTER_SECRET_FILE", &secret)
             .envs(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
