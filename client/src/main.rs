@@ -1093,10 +1093,27 @@ async fn run(cli: Cli) -> Result<()> {
             // Written next to the target and renamed, so a failed copy never
             // leaves a truncated file under the final name.
             let tmp = local.with_extension("musicfs-partial");
-            let mut out = std::io::BufWriter::new(
-                std::fs::File::create(&tmp)
-                    .with_context(|| format!("creating {}", tmp.display()))?,
-            );
+            // A partial file left by an earlier run is ours to replace; a
+            // symlink planted there is never followed (O_NOFOLLOW after
+            // the unlink, O_EXCL for a new file).
+            match std::fs::symlink_metadata(&tmp) {
+                Ok(m) if m.file_type().is_file() || m.file_type().is_symlink() => {
+                    std::fs::remove_file(&tmp)
+                        .with_context(|| format!("removing {}", tmp.display()))?
+                }
+                Ok(_) => bail!("{} exists and is not a file", tmp.display()),
+                Err(_) => {}
+            }
+            let mut out = std::io::BufWriter::new({
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o644)
+                    .open(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?
+            });
             let bar = progress::bytes(0);
             let copied = fs
                 .read_file_to(&path, &mut out, |done, size| {
@@ -1119,6 +1136,14 @@ async fn run(cli: Cli) -> Result<()> {
             };
             std::fs::rename(&tmp, &local)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), local.display()))?;
+            // The rename is durable once its directory is.
+            let dir = match local.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", dir.display()))?;
             outln!("{path} -> {}: {n} bytes", local.display());
         }
         Cmd::Bench {

@@ -174,6 +174,23 @@ async fn admin_commands_report_and_act_on_a_running_cluster() {
         b"some audio",
         "and leaves the local file alone"
     );
+    // A symlink planted where get writes its partial file is not
+    // followed: the file it points at keeps its bytes.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").expect("victim");
+    let again = dir.path().join("again.flac");
+    std::os::unix::fs::symlink(&victim, again.with_extension("musicfs-partial")).expect("plant");
+    let out = musicfs(
+        &c,
+        &["get", "/track.flac", again.to_str().expect("utf-8 path")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&again).expect("copy"), b"some audio");
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
 
     // bench: a self-test that verifies what it wrote and leaves nothing.
     let out = musicfs(&c, &["bench", "--files", "20", "--big-mib", "4", "--json"]);

@@ -551,3 +551,29 @@ async fn a_connection_flood_from_one_address_is_cut_and_the_node_serves_on() {
     .await;
     assert_eq!(fs.read_file("/during.txt").await.expect("read"), b"served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_after_its_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = TestCluster::start(3, &[]).await;
+    c.init().await;
+    let mut s = tokio::net::TcpStream::connect(&c.nodes[0].addr)
+        .await
+        .expect("connect");
+    s.write_all(&proto::chunkwire::HELLO).await.expect("hello");
+    // Announces a 1 MiB chunk, sends 1 KiB of it, then nothing.
+    let head = proto::chunkwire::encode_put(&[9u8; 16], "", 1 << 20);
+    s.write_all(&head).await.expect("head");
+    s.write_all(&[0u8; 1024])
+        .await
+        .expect("a little of the body");
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the node keeps a stalled upload: {r:?}"
+    );
+    // 5 s and a second per MiB, not the minute an idle connection gets.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}

@@ -67,6 +67,11 @@ pub struct ChunkStore {
     /// Put, delete and quarantine of one chunk exclude each other (striped
     /// by id), so a delete never removes a copy a put just confirmed.
     locks: Vec<std::sync::Mutex<()>>,
+    /// Leaf directories whose entries in their parents are known durable:
+    /// a put into any other one fsyncs its parents before it answers,
+    /// even when another put created the directory a moment earlier and
+    /// has not fsynced them yet.
+    durable_dirs: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 const LOCK_STRIPES: usize = 256;
@@ -94,6 +99,7 @@ impl ChunkStore {
             locks: (0..LOCK_STRIPES)
                 .map(|_| std::sync::Mutex::new(()))
                 .collect(),
+            durable_dirs: std::sync::Mutex::new(std::collections::HashSet::new()),
         };
         store.count()?;
         Ok(store)
@@ -174,18 +180,29 @@ impl ChunkStore {
             crate::aligned::write_chunk(&f, direct, data).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
             let dir = path.parent().unwrap_or(&self.root);
-            let created = !dir.exists();
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let known = self
+                .durable_dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(dir);
+            if !known {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
             fs::rename(&tmp, &path).map_err(io_err(&path))?;
             fsync_dir(dir).map_err(io_err(dir))?;
-            if created {
-                // New directories must be durable in their parents too.
+            if !known {
+                // The directory (perhaps just made, here or by a put racing
+                // this one) must be durable in its parents too.
                 if let Some(p) = dir.parent() {
                     fsync_dir(p).map_err(io_err(p))?;
                     if let Some(pp) = p.parent() {
                         fsync_dir(pp).map_err(io_err(pp))?;
                     }
                 }
+                self.durable_dirs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dir.to_path_buf());
             }
             Ok(())
         })();

@@ -39,6 +39,12 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// announces chunks and sends nothing must not make the node allocate
 /// without bound. Uploads past it wait.
 const UPLOAD_BUDGET_MIB: usize = 256;
+
+/// How long an upload's body of `len` bytes may take to arrive once its
+/// budget is held: 5 s and a second per MiB.
+fn body_deadline(len: usize) -> Duration {
+    Duration::from_secs(5) + Duration::from_secs_f64(len as f64 / f64::from(1u32 << 20))
+}
 static UPLOAD_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UPLOAD_BUDGET_MIB);
 
 /// Accepts connections on `listener` and returns the gRPC ones as a stream
@@ -203,9 +209,11 @@ async fn receive_put(
         .acquire_many(mib)
         .await
         .map_err(io::Error::other)?;
-    // Straight from the socket to where the disk reads it.
+    // Straight from the socket to where the disk reads it. A sender that
+    // announces a chunk and then stalls holds budget others wait for: the
+    // body must arrive at 1 MiB/s or better (plus a few seconds).
     let mut buf = AlignedBuf::new(len);
-    tokio::time::timeout(IDLE, stream.read_exact(buf.as_mut_slice())).await??;
+    tokio::time::timeout(body_deadline(len), stream.read_exact(buf.as_mut_slice())).await??;
     let store = store.clone();
     let res = match tokio::task::spawn_blocking(move || store.put(&id, buf.as_slice())).await {
         Ok(r) => r,

@@ -35,6 +35,26 @@ use crate::TypeConfig;
 /// Group ids a node accepts from peers.
 const MAX_GROUPS: u32 = 4096;
 
+/// Bytes of entries one append carries at most (a single larger entry
+/// still goes alone): a follower far behind catches up in bounded
+/// messages, never one that exceeds the message limit or holds the
+/// connection for long.
+const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// How many of `entries`, from the first, fit in `budget` encoded bytes;
+/// at least one when there is one.
+fn prefix_within(entries: &[pb::Entry], budget: usize) -> usize {
+    use prost::Message;
+    let mut used = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        used += e.encoded_len();
+        if used > budget && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
 /// Bytes of snapshot data per streamed message.
 const SNAPSHOT_PIECE: usize = 1 << 20;
 
@@ -45,6 +65,15 @@ pub mod codes {
     pub const MALFORMED: u32 = 3;
     pub const FATAL: u32 = 4;
     pub const WRONG_NODE: u32 = 5;
+}
+
+/// Which of a peer's two connections a message takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// Heartbeats (appends without entries), votes, leader transfers.
+    Control,
+    /// Appends that carry entries, snapshots.
+    Bulk,
 }
 
 /// Outgoing connections of this node.
@@ -119,9 +148,17 @@ impl Transport {
         &self.wire
     }
 
-    fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
+    /// The connection to `addr` for one kind of traffic. Heartbeats, votes
+    /// and leader transfers have a connection of their own, so they never
+    /// wait behind a large append or a snapshot in the same TCP stream
+    /// (a stalled heartbeat is an election).
+    fn client(&self, addr: &str, lane: Lane) -> Result<RaftServiceClient<Channel>, Status> {
+        let key = match lane {
+            Lane::Control => addr.to_string(),
+            Lane::Bulk => format!("{addr}#bulk"),
+        };
         let mut chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let ch = match chans.get(addr) {
+        let ch = match chans.get(&key) {
             Some(c) => c.clone(),
             None => {
                 let ep = self
@@ -135,7 +172,7 @@ impl Transport {
                     .http2_keep_alive_interval(Duration::from_secs(2))
                     .keep_alive_timeout(Duration::from_secs(3));
                 let c = ep.connect_lazy();
-                chans.insert(addr.to_string(), c.clone());
+                chans.insert(key, c.clone());
                 c
             }
         };
@@ -269,16 +306,35 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // At most MAX_APPEND_BYTES of entries per message (at least one):
+        // the rest follow in the next append, and the follower is told to
+        // commit no further than what it was sent.
+        let mut entries: Vec<pb::Entry> = rpc.entries.iter().map(convert::entry_to_pb).collect();
+        let keep = prefix_within(&entries, MAX_APPEND_BYTES);
+        let last_sent = (keep < entries.len()).then(|| rpc.entries[keep - 1].log_id);
+        entries.truncate(keep);
+        let leader_commit = match (&rpc.leader_commit, &last_sent) {
+            (Some(c), Some(l)) if c.index > l.index => Some(*l),
+            (c, _) => *c,
+        };
         let req = pb::AppendEnvelope {
             header: Some(self.header()),
             request: Some(pb::AppendEntriesRequest {
                 vote: Some(convert::vote_to_pb(&rpc.vote)),
                 prev_log_id: rpc.prev_log_id.as_ref().map(convert::log_id_to_pb),
-                entries: rpc.entries.iter().map(convert::entry_to_pb).collect(),
-                leader_commit: rpc.leader_commit.as_ref().map(convert::log_id_to_pb),
+                entries,
+                leader_commit: leader_commit.as_ref().map(convert::log_id_to_pb),
             }),
         };
-        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let lane = if rpc.entries.is_empty() {
+            Lane::Control
+        } else {
+            Lane::Bulk
+        };
+        let mut c = self
+            .transport
+            .client(&self.addr, lane)
+            .map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
         self.transport.wire.sign(method::APPEND, &mut r);
@@ -300,7 +356,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             .ok_or_else(|| network("empty append reply"))?;
         use pb::append_entries_response::Result as R;
         Ok(match resp.result {
-            Some(R::Success(_)) => AppendEntriesResponse::Success,
+            Some(R::Success(_)) => match last_sent {
+                Some(l) => AppendEntriesResponse::PartialSuccess(Some(l)),
+                None => AppendEntriesResponse::Success,
+            },
             Some(R::PartialSuccess(l)) => AppendEntriesResponse::PartialSuccess(Some(
                 convert::log_id_from_pb(&l).map_err(network)?,
             )),
@@ -326,7 +385,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                 leadership_transfer: rpc.leadership_transfer,
             }),
         };
-        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let mut c = self
+            .transport
+            .client(&self.addr, Lane::Control)
+            .map_err(unreachable)?;
         let mut r = Request::new(req);
         r.set_timeout(option.soft_ttl());
         self.transport.wire.sign(method::VOTE, &mut r);
@@ -360,7 +422,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                 last_log_id: req.last_log_id().map(convert::log_id_to_pb),
             }),
         };
-        let mut c = self.transport.client(&self.addr).map_err(unreachable)?;
+        let mut c = self
+            .transport
+            .client(&self.addr, Lane::Control)
+            .map_err(unreachable)?;
         let mut r = Request::new(env);
         r.set_timeout(option.soft_ttl());
         self.transport.wire.sign(method::TRANSFER, &mut r);
@@ -428,7 +493,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut c = self
             .transport
-            .client(&self.addr)
+            .client(&self.addr, Lane::Bulk)
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&NetErr(e.to_string()))))?;
         let mut req = Request::new(stream);
         *req.metadata_mut() = opening.metadata().clone();
@@ -870,6 +935,25 @@ impl RaftService for RaftServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appends_are_cut_to_the_byte_budget_but_never_empty() {
+        let entry = |n: usize| pb::Entry {
+            log_id: None,
+            payload: Some(pb::entry::Payload::Normal(Bytes::from(vec![1u8; n]))),
+        };
+        assert_eq!(prefix_within(&[], 100), 0);
+        assert_eq!(
+            prefix_within(&[entry(500)], 100),
+            1,
+            "one big entry goes alone"
+        );
+        let small: Vec<_> = (0..10).map(|_| entry(10)).collect();
+        assert_eq!(prefix_within(&small, 1000), 10);
+        assert_eq!(prefix_within(&small, 30), 2, "12 bytes each");
+        let mixed = vec![entry(10), entry(10), entry(500), entry(10)];
+        assert_eq!(prefix_within(&mixed, 100), 2);
+    }
 
     #[test]
     fn a_new_incarnation_is_noticed_once_per_group() {

@@ -69,6 +69,12 @@ impl Store {
         // keep every WAL file since its last flush alive: past this total,
         // RocksDB flushes it so old WAL files can go.
         opts.set_max_total_wal_size(128 << 20);
+        // Every append is fsynced before it is acknowledged, so only the last
+        // record of a log can be torn by a crash. A corrupt record before
+        // others is damage, and dropping every later record with it (the
+        // default, point-in-time recovery) would silently lose acknowledged
+        // entries: refuse to open instead, naming the corruption.
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         // All memtables of all column families together: without a cap each
         // of the four may hold two 64 MiB memtables.
         opts.set_db_write_buffer_size(MEMTABLE_BYTES);
