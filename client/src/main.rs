@@ -519,6 +519,12 @@ enum ClusterCmd {
         /// after their last use (default 3600).
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         commit_window_secs: u32,
+        /// Initialise nodes that speak plain TCP: nothing is encrypted and
+        /// clients are not authenticated (the cluster secret still keeps
+        /// anyone but a node from acting as one). Without this flag `init`
+        /// needs TLS (`--tls-dir`, from `musicfs certs init`).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -1025,8 +1031,17 @@ async fn run(cli: Cli) -> Result<()> {
                     groups,
                     replication,
                     commit_window_secs,
+                    insecure,
                 },
         } => {
+            if !musicfs_client::transport().is_tls() && !insecure {
+                bail!(
+                    "refusing to initialise a cluster on plain TCP: nothing would be encrypted \
+                     and any client that reaches a node could read and change every file. Set \
+                     up TLS (`musicfs certs init`, tls_dir on the nodes, --tls-dir here), or pass \
+                     --insecure on a network only the cluster's machines and trusted clients reach"
+                );
+            }
             let peers = admin::parse_peers(&peers)?;
             let id = admin::init_cluster(
                 &peers,

@@ -24,8 +24,19 @@ async fn second_init_is_refused_and_changes_nothing() {
         .await
         .expect("write");
 
+    // On plain TCP `init` wants to be told that is meant.
     let out = Command::new(bin_dir().join("musicfs"))
         .args(["cluster", "init", "--peers", &c.peers()])
+        .output()
+        .expect("run musicfs");
+    assert!(
+        !out.status.success(),
+        "init on plain TCP without --insecure"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--insecure"), "says how: {err}");
+    let out = Command::new(bin_dir().join("musicfs"))
+        .args(["cluster", "init", "--insecure", "--peers", &c.peers()])
         .output()
         .expect("run musicfs");
     assert!(!out.status.success(), "second init must fail");

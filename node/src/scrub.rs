@@ -351,7 +351,16 @@ impl Scrub {
                     continue;
                 }
                 let present = if node == self.router.registry().node_id() {
-                    ids.iter().map(|id| self.chunks.has(id)).collect()
+                    // Stats block: off the runtime's threads.
+                    let (chunks, mine) = (self.chunks.clone(), ids.clone());
+                    match tokio::task::spawn_blocking(move || {
+                        mine.iter().map(|id| chunks.has(id)).collect::<Vec<_>>()
+                    })
+                    .await
+                    {
+                        Ok(p) => p,
+                        Err(_) => continue,
+                    }
                 } else {
                     let Some(mut c) = addrs.get(&node).and_then(|a| self.clients.get(a)) else {
                         continue;
