@@ -182,6 +182,13 @@ pub enum NodeError {
          (`musicfs certs issue --ca CA_DIR --node ID --out DIR`)"
     )]
     NotANodeCertificate(String),
+    #[error(
+        "data directory {path} holds chunks with {found} ids; this version names chunks by \
+         {want} and cannot serve them: copy the files out with the version that made it \
+         (musicfs get / rsync from a mount) and into a new cluster",
+        want = proto::CHUNK_ID_FORMAT
+    )]
+    ChunkFormat { path: String, found: String },
     #[error("revoked certificates file {path}: {why}")]
     Revoked { path: String, why: String },
     #[error("cluster secret: {0}")]
@@ -282,6 +289,26 @@ fn not_revoked(
     move |req| revoked.check(&req).map(|()| req)
 }
 
+/// Node-store key of the chunk-id format the data directory was made with.
+const KEY_CHUNK_IDS: &str = "chunk_ids";
+
+/// Records the chunk-id format in a new data directory, and refuses one
+/// made with another: its chunk ids would all fail their checks here (and
+/// a scrub would move every chunk aside). A directory from before the
+/// format was recorded used XXH3-128.
+fn check_chunk_format(store: &Store, data: &Path) -> Result<(), NodeError> {
+    let err = |found: &str| NodeError::ChunkFormat {
+        path: data.display().to_string(),
+        found: found.to_string(),
+    };
+    match store.node_get(KEY_CHUNK_IDS)? {
+        Some(f) if f == proto::CHUNK_ID_FORMAT => Ok(()),
+        Some(f) => Err(err(&f)),
+        None if store.node_get("node_id")?.is_some() => Err(err("xxh3-128")),
+        None => Ok(store.node_set(KEY_CHUNK_IDS, proto::CHUNK_ID_FORMAT)?),
+    }
+}
+
 /// How long a stopping node waits for requests in flight.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -302,6 +329,7 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data).map_err(data_err(&cfg.data))?;
     let _lock = lock_dir(&cfg.data)?;
     let store = Store::open(&cfg.data.join("meta"))?;
+    check_chunk_format(&store, &cfg.data)?;
     match store.node_get("node_id")? {
         Some(stored) => {
             let stored: u64 = stored.parse().unwrap_or(0);
@@ -534,6 +562,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::NodeConfig;
+
+    #[test]
+    fn a_data_directory_of_another_chunk_id_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = raft::Store::open(&dir.path().join("fresh")).expect("store");
+        super::check_chunk_format(&fresh, dir.path()).expect("a new directory");
+        super::check_chunk_format(&fresh, dir.path()).expect("and again");
+        // A directory a node used before the format was recorded.
+        let old = raft::Store::open(&dir.path().join("old")).expect("store");
+        old.node_set("node_id", "1").expect("set");
+        let e = super::check_chunk_format(&old, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xxh3-128") && e.contains("blake3-128"), "{e}");
+    }
 
     /// The sample configuration and the one in docs/OPERATIONS.md name only
     /// fields a node takes (unknown fields fail the start).
