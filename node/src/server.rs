@@ -264,8 +264,10 @@ fn read_revoked(path: &Path) -> Result<std::collections::HashSet<String>, NodeEr
 async fn reload_revoked(path: PathBuf, revoked: Arc<proto::transport::Revoked>) {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = mtime(&path);
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    every.tick().await;
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        every.tick().await;
         let now = mtime(&path);
         if now == seen {
             continue;

@@ -165,56 +165,65 @@ impl MetaService for MetaSvc {
         // A node (its certificate, or its signature with the cluster
         // secret) may propose anything; everyone else only what a file
         // system needs, checked before it costs a log entry.
-        let from_node = self
-            .registry
-            .wire()
-            .is_node_call(&request, proto::auth::method::PROPOSE);
+        // Only an internal command asks who the caller is (a certificate
+        // parse or a signature check): a file-system command is a client's
+        // whoever sends it, and gets the checks before it is proposed.
+        let internal = request
+            .get_ref()
+            .command
+            .as_ref()
+            .and_then(|c| c.op.as_ref())
+            .is_some_and(|op| !is_client_op(op));
+        let from_node = internal
+            && self
+                .registry
+                .wire()
+                .is_node_call(&request, proto::auth::method::PROPOSE);
         let encoded_len = request
             .get_ref()
             .command
             .as_ref()
             .map_or(0, |c| c.encoded_len());
         let req = request.into_inner();
-        let refuse = |code, msg: String| {
-            crate::metrics::meta_error("propose", ErrorCode::as_str_name(&code));
+        let refuse = |e: WireError| {
+            crate::metrics::meta_error("propose", e.code().as_str_name());
             Ok(Response::new(CommandResult {
-                error: Some(WireError::new(code, msg)),
+                error: Some(e),
                 ..Default::default()
             }))
         };
         let Some(mut cmd) = req.command else {
-            return refuse(ErrorCode::Invalid, "request carries no command".into());
+            return refuse(WireError::new(
+                ErrorCode::Invalid,
+                "request carries no command",
+            ));
         };
-        if from_node {
-            cmd.origin = Origin::Node as i32;
-        } else {
-            if let Some(op) = cmd.op.as_ref().filter(|op| !is_client_op(op)) {
+        if internal {
+            if !from_node {
+                let op = cmd.op.as_ref().map_or("?", op_name);
                 tracing::warn!(
-                    op = op_name(op),
+                    op,
                     group = req.group_id,
                     "internal command from a client refused"
                 );
-                return refuse(
+                return refuse(WireError::new(
                     ErrorCode::Permission,
-                    format!(
-                        "{} is an internal command: only cluster nodes may propose it",
-                        op_name(op)
-                    ),
-                );
+                    format!("{op} is an internal command: only cluster nodes may propose it"),
+                ));
             }
-            let receipts = match self.registry.wire().secret() {
-                Some(secret) => admission::check_receipts(&cmd, secret, proto::auth::now_ms()),
-                None => Err(WireError::new(
-                    ErrorCode::Internal,
-                    "this node has no cluster secret to check chunk receipts",
-                )),
-            };
-            if let Err(e) = admission::check(&cmd, encoded_len).and(receipts) {
-                crate::metrics::meta_error("propose", e.code().as_str_name());
-                return Ok(Response::new(CommandResult {
-                    error: Some(e),
-                    ..Default::default()
-                }));
+            cmd.origin = Origin::Node as i32;
+        } else {
+            let checked = admission::check(&cmd, encoded_len).and_then(|()| {
+                match self.registry.wire().secret() {
+                    Some(secret) => admission::check_receipts(&cmd, secret, proto::auth::now_ms()),
+                    None => Err(WireError::new(
+                        ErrorCode::Internal,
+                        "this node has no cluster secret to check chunk receipts",
+                    )),
+                }
+            });
+            if let Err(e) = checked {
+                return refuse(e);
             }
             cmd.origin = Origin::Client as i32;
         }

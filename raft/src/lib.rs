@@ -10,6 +10,7 @@ mod convert;
 mod group;
 mod log_store;
 mod network;
+mod raft_server;
 mod snapshot;
 mod state_machine;
 mod store;
@@ -20,7 +21,8 @@ use bytes::Bytes;
 
 pub use group::{Group, GroupError, GroupStatus, RaftSettings, Registry};
 pub use log_store::LogStore;
-pub use network::{RaftServer, Transport};
+pub use network::Transport;
+pub use raft_server::RaftServer;
 pub use state_machine::{Application, GroupStateMachine, KvPairs, KvView, KvWrites};
 pub use store::{Store, StoreError, CF_SM};
 
