@@ -238,7 +238,7 @@ async fn receive_put(
         }
         Err(e) => {
             tracing::warn!(req = %tag, %id, error = %e, "chunk put refused");
-            let w = crate::service::chunk_error(&e);
+            let w = crate::chunk_service::chunk_error(&e);
             let code = w.code().as_str_name();
             (STATUS_REFUSED, w.encode_to_vec(), code)
         }

@@ -10,6 +10,7 @@ pub mod aligned;
 pub mod app;
 pub mod background;
 pub mod check;
+pub mod chunk_service;
 pub mod chunkstore;
 pub mod conns;
 pub mod coordinator;

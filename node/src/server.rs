@@ -15,13 +15,14 @@ use serde::Deserialize;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::app::NamespaceApp;
+use crate::chunk_service::ChunkSvc;
 use crate::chunkstore::{ChunkStore, DEFAULT_RESERVE_BYTES};
 use crate::conns::{ConnLimits, ConnTable};
 use crate::gc::{Gc, GcConfig};
 use crate::repair::{ChunkClients, Repair, RepairConfig};
 use crate::router::Router;
 use crate::scrub::{Scrub, ScrubConfig};
-use crate::service::{AdminSvc, ChunkSvc, MetaSvc};
+use crate::service::{AdminSvc, MetaSvc};
 
 /// Node settings, from `/etc/musicfs/node.toml` and/or flags.
 #[derive(Clone, Debug, Deserialize)]
